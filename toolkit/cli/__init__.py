@@ -1,0 +1,86 @@
+"""The `lmkit` command: a Typer app with one small module per subcommand.
+
+This package is the only place that knows about Typer; each command parses and validates its
+options and calls the library. A `UserError` anywhere ends in one line on stderr and exit code 1
+(`lmkit --debug ...` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from toolkit import __version__, console
+from toolkit.errors import UserError
+
+DEBUG = False
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument may be a subcommand or, failing that, belongs to `default`."""
+
+    default = "build"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    name="lmkit",
+    help="lmkit: from a folder of text (or music) to a trained, evaluated, exported, chattable language model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        print(f"lmkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status messages."),
+):
+    global DEBUG
+    DEBUG = debug
+    console.set_quiet(quiet)
+
+
+def _register():
+    from toolkit.cli import data, pretokenize, recipes, vocab
+
+    app.add_typer(recipes.app, name="recipes")
+    app.add_typer(data.app, name="data")
+    app.command("vocab")(vocab.vocab)
+    app.command("pretokenize")(pretokenize.pretokenize)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="lmkit")
+    except UserError as e:
+        if DEBUG:
+            raise
+        console.console.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if DEBUG:
+            raise
+        console.console.print("interrupted")
+        sys.exit(130)
+    except click.exceptions.Exit as e:  # raised when standalone_mode is off
+        sys.exit(e.exit_code)

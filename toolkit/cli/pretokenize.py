@@ -1,0 +1,41 @@
+"""`lmkit pretokenize CORPUS --tokenizer DIR -o DIR`: documents -> llm.c shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from toolkit.console import info
+from toolkit.errors import UserError
+
+
+def pretokenize(
+    corpus: Path = typer.Argument(..., help="A corpus folder from `lmkit data`, or a folder of llama2.c's "
+                                  "headerless uint16 .bin files to convert."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer folder from `lmkit vocab`."),
+    out: Path = typer.Option(..., "--out", "-o", help="The shard folder to write."),
+    shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard file."),
+    append_eos: bool = typer.Option(False, help="Put EOS after each document (BOS / <|endoftext|> always goes "
+                                    "before each)."),
+    workers: int = typer.Option(0, help="Tokenizer processes (0 = all cores)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing shards in OUT."),
+):
+    """Tokenize a corpus into train_XXXXXX.bin / val_XXXXXX.bin shards (256 x int32 header, magic 20240520) and
+    meta.json, in parallel and streaming."""
+    from toolkit import shards, tokenizers
+
+    if not corpus.exists():
+        raise UserError(f"corpus not found: {corpus}")
+    if not (corpus / "manifest.json").exists() and any(corpus.glob("*.bin")):
+        tok_meta = tokenizers.read_meta(tokenizer)
+        meta = shards.convert_llama2c(corpus, out, tok_meta["vocab_size"], tok_meta, overwrite=force)
+        info(f"{out}: converted llama2.c shards, {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens")
+        return
+    if shard_tokens < 1024:
+        raise UserError("--shard-tokens: expected at least 1024")
+    result = shards.pretokenize(corpus, tokenizer, out, shard_tokens=shard_tokens, append_eos=append_eos,
+                                workers=workers, overwrite=force)
+    total = sum(result.tokens.values())
+    info(f"{out}: {result.tokens['train']:,} train / {result.tokens['val']:,} val tokens "
+         f"in {result.seconds:.1f} s ({total / max(result.seconds, 1e-9):,.0f} tokens/s)")

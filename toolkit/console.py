@@ -1,0 +1,34 @@
+"""Where messages and progress go: stderr, so stdout stays clean for results and pipes."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global QUIET
+    QUIET = quiet
+
+
+def info(message: str) -> None:
+    if not QUIET:
+        console.print(message)
+
+
+def progress(*extra_columns) -> Progress:
+    """A Rich progress bar with rate and ETA; silent under --quiet."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=QUIET,
+        transient=False,
+    )

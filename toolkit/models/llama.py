@@ -1,0 +1,209 @@
+"""Llama-2 as in llama2.c: RMSNorm, RoPE (interleaved pairs, as run.c), SwiGLU, GQA, no biases.
+
+Parameter names follow llama2.c's model.py (tok_embeddings, layers.N.attention.wq, ...), so its
+checkpoints map one to one and the .bin exporter needs no renaming or RoPE permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from toolkit.recipe import check
+
+
+@dataclass(frozen=True)
+class Config:
+    family: ClassVar[str] = "llama"
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 0  # 0 = n_heads
+    vocab_size: int = 0  # 0 = the tokenizer's
+    hidden_dim: int = 0  # 0 = multiple_of-rounded 2/3 * 4 * dim (llama2.c)
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim", "positive dim, n_layers, n_heads")
+        check(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}, got {self.n_heads}")
+        check((self.dim // self.n_heads) % 2 == 0, "n_heads", "an even head size (dim / n_heads) for RoPE")
+        check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
+              f"a divisor of n_heads={self.n_heads} (or 0 for n_heads), got {self.n_kv_heads}")
+        check(self.vocab_size >= 0, "vocab_size", "0 (the tokenizer's) or a positive size")
+        check(self.multiple_of > 0, "multiple_of", "a positive integer")
+        check(self.max_seq_len > 0, "max_seq_len", "a positive length")
+        check(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, H, T, D) by position angles (T, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, config: Config, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.dropout = c.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            cache.k[layer][:, :, pos : pos + T] = k
+            cache.v[layer][:, :, pos : pos + T] = v
+            k, v = cache.k[layer][:, :, : pos + T], cache.v[layer][:, :, : pos + T]
+            if T == 1:
+                causal = False
+            elif pos > 0:  # a chunk after earlier tokens: query i sees keys <= pos + i
+                causal = False
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        if self.kv_heads != self.n_heads:
+            rep = self.n_heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.w1 = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+        self.w3 = nn.Linear(c.dim, c.ffn_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.attention_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attention = Attention(c)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.feed_forward = FeedForward(c)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, pos=0):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        assert config.vocab_size > 0, "vocab_size must be resolved before building"
+        self.config = config
+        c = config
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("w3.weight") or name.endswith("wo.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pos: int = 0):
+        T = idx.shape[1]
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        x = self.dropout(self.tok_embeddings(idx))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.output(x), None
+        logits = self.output(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        return 6 * self.num_params() + 12 * c.n_layers * c.n_heads * c.head_dim * T

@@ -1,0 +1,127 @@
+"""Run folders: model.safetensors, recipe.toml (resolved), tokenizer/, state.pt, metrics.jsonl, run.json.
+
+Each file is written to a temporary name and renamed, so a crash never leaves a half-written file;
+the step is recorded in both the weights' metadata and state.pt, and a mismatch is refused.
+Nothing is unpickled: weights are safetensors and state.pt is loaded with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from toolkit import recipe as recipe_lib
+from toolkit import tokenizers
+from toolkit.errors import UserError
+
+WEIGHTS = "model.safetensors"
+RECIPE = "recipe.toml"
+STATE = "state.pt"
+METRICS = "metrics.jsonl"
+RUN_INFO = "run.json"
+TOKENIZER = "tokenizer"
+
+
+def is_run(path: Path) -> bool:
+    return (Path(path) / WEIGHTS).is_file() and (Path(path) / RECIPE).is_file()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without duplicated (tied) tensors: the first name of each shared tensor is kept."""
+    model = getattr(model, "_orig_mod", model)
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else name
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path, step: int = 0) -> None:
+    _atomic(Path(path), lambda tmp: save_file(weights_dict(model), str(tmp), metadata={"step": str(step)}))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> int:
+    """Load weights into `model`; returns the step recorded with them."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(n)).get("__metadata__", {}) or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    model = getattr(model, "_orig_mod", model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not _is_tied_alias(model, k, tensors)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the recipe's model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, t in tensors.items():
+        if expected[k].shape != t.shape:
+            raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the recipe's model needs {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+    return int(meta.get("step", 0))
+
+
+def _is_tied_alias(model, name: str, tensors: dict) -> bool:
+    state = model.state_dict()
+    ptr = state[name].data_ptr()
+    return any(k in tensors for k, t in state.items() if k != name and t.data_ptr() == ptr)
+
+
+def save_state(state: dict, path: Path) -> None:
+    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file or one with pickled objects
+        raise UserError(f"{path}: cannot read the training state ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: recipe_lib.Recipe
+    tokenizer: object
+    model: torch.nn.Module
+    step: int
+    info: dict
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """A trained model from its run folder, ready for eval, generation or export."""
+    from toolkit import models
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"run folder not found: {path}")
+    if not is_run(path):
+        raise UserError(f"{path} is not a run folder (needs {WEIGHTS} and {RECIPE}; make one with `lmkit train`)")
+    recipe = recipe_lib.load(path / RECIPE)
+    tok = tokenizers.load(path / TOKENIZER)
+    model = models.build(recipe.model, tok.vocab_size)
+    step = load_weights(model, path / WEIGHTS)
+    info = json.loads((path / RUN_INFO).read_text()) if (path / RUN_INFO).is_file() else {}
+    return Run(path, recipe, tok, model.to(device).eval(), step, info)
