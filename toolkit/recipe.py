@@ -8,7 +8,6 @@ what was expected. `--set table.key=value` overrides any key with the same check
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from toolkit.errors import UserError
 
@@ -80,8 +80,10 @@ class DataConfig:
     synthetic_stories: int = 12_000  # synthetic: number of stories (about 4 MB)
     seed: int = 0  # synthetic generator seed
     shard_tokens: int = 100_000_000  # pretokenize: tokens per shard file
+    chat_template: str = ""  # conversations JSONL: "llama2" (masked assistant loss) or "qa" (seed's Q:/A:, no mask)
 
     def __post_init__(self):
+        check_choice(self.chat_template, "chat_template", ("", "llama2", "qa"))
         check(bool(self.source), "source", "a path, 'hf:NAME' or 'synthetic'")
         check(0.0 < self.val_fraction < 1.0, "val_fraction", "a fraction strictly between 0 and 1")
         check(self.max_rows >= 0, "max_rows", "0 (all) or a positive count")

@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -141,20 +141,30 @@ def encode_documents(tok, docs: list[str], prefix_id: int | None, suffix_id: int
     return out
 
 
-def _encode_in_worker(docs, prefix_id, suffix_id, dtype):
-    return encode_documents(_worker_tok, docs, prefix_id, suffix_id, dtype), sum(len(d) for d in docs)
+def _encode_in_worker(path, start, end, prefix_id, suffix_id, dtype):
+    return encode_range(_worker_tok, path, start, end, prefix_id, suffix_id, dtype)
 
 
-def batched_documents(docs: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= max_chars:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+def encode_range(tok, path, start: int, end: int, prefix_id, suffix_id, dtype) -> tuple[np.ndarray, int]:
+    """Read the JSONL lines in bytes [start, end) of `path`, encode them; returns (tokens, bytes read)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    docs = [row["text"] for row in json.loads(b"[" + raw.rstrip(b"\n").replace(b"\n", b",") + b"]")]
+    return encode_documents(tok, docs, prefix_id, suffix_id, dtype), end - start
+
+
+def line_ranges(path: Path, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about `chunk_bytes` that start and end on line boundaries."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()
+            end = min(f.tell(), size)
+            yield start, end
+            start = end
 
 
 @dataclass
@@ -167,11 +177,11 @@ class PretokenizeResult:
 
 def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int = 100_000_000,
                 append_eos: bool = False, workers: int = 0, overwrite: bool = False,
-                batch_chars: int = 1 << 20) -> PretokenizeResult:
+                chunk_bytes: int = 1 << 20) -> PretokenizeResult:
     from rich.progress import TextColumn
 
     from toolkit import console, tokenizers
-    from toolkit.data import iter_documents, read_manifest
+    from toolkit.data import read_manifest
 
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     manifest = read_manifest(corpus_dir)
@@ -191,24 +201,24 @@ def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_toke
     try:
         with console.progress(TextColumn("{task.fields[rate]}")) as bar:
             for split in ("train", "val"):
-                total_chars = manifest["chars"][split]
-                task = bar.add_task(f"pretokenize {split}", total=max(total_chars, 1), rate="")
+                path = corpus_dir / f"{split}.jsonl"
+                task = bar.add_task(f"pretokenize {split}", total=max(path.stat().st_size, 1), rate="")
                 writer = ShardWriter(out_dir, split, shard_tokens, dtype)
                 t_split = time.perf_counter()
 
-                def consume(tokens, chars):
+                def consume(tokens, n_bytes, writer=writer, task=task, t_split=t_split):
                     writer.add(tokens)
                     rate = (writer.total + writer.filled) / max(time.perf_counter() - t_split, 1e-9)
-                    bar.update(task, advance=chars, rate=f"{rate:,.0f} tok/s")
+                    bar.update(task, advance=n_bytes, rate=f"{rate:,.0f} tok/s")
 
-                batches = batched_documents(iter_documents(corpus_dir, split), batch_chars)
+                ranges = line_ranges(path, chunk_bytes)
                 if pool is None:
-                    for docs in batches:
-                        consume(encode_documents(tok, docs, prefix_id, suffix_id, dtype), sum(len(d) for d in docs))
-                else:  # bounded in-flight work: memory does not grow with the corpus
+                    for start, end in ranges:
+                        consume(*encode_range(tok, path, start, end, prefix_id, suffix_id, dtype))
+                else:  # workers read and encode; at most 2 chunks per worker in flight, so memory stays flat
                     pending = deque()
-                    for docs in batches:
-                        pending.append(pool.submit(_encode_in_worker, docs, prefix_id, suffix_id, dtype))
+                    for start, end in ranges:
+                        pending.append(pool.submit(_encode_in_worker, path, start, end, prefix_id, suffix_id, dtype))
                         if len(pending) >= 2 * workers:
                             consume(*pending.popleft().result())
                     while pending:
@@ -230,7 +240,7 @@ def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_toke
         "shards": shards,
         "documents": manifest["documents"],
         "chars": manifest["chars"],
-        "bytes": _split_bytes(corpus_dir),
+        "bytes": manifest.get("bytes") or _split_bytes(corpus_dir),
         "doc_prefix_id": prefix_id,
         "doc_suffix_id": suffix_id,
         "corpus": {"path": str(corpus_dir), "sha256": manifest["sha256"], "source": manifest["source"]},
@@ -240,7 +250,7 @@ def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_toke
 
 
 def _split_bytes(corpus_dir: Path) -> dict:
-    """UTF-8 bytes of each split's text (for bits per byte)."""
+    """UTF-8 bytes of each split's text (for bits per byte), for corpora whose manifest lacks them."""
     from toolkit.data import iter_documents
 
     return {s: sum(len(d.encode("utf-8")) for d in iter_documents(corpus_dir, s)) for s in ("train", "val")}

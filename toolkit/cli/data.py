@@ -35,7 +35,7 @@ def build(
     max_rows: int = typer.Option(0, help="Stop after this many documents (0 = all)."),
     max_chars: int = typer.Option(0, help="Stop after this many characters (0 = all)."),
     val_fraction: float = typer.Option(0.1, help="Fraction of documents for the val split (by document)."),
-    stories: int = typer.Option(12_000, help="synthetic: number of stories (about 350 characters each)."),
+    stories: int = typer.Option(12_000, help="synthetic: number of stories (about 500 characters each)."),
     seed: int = typer.Option(0, help="synthetic: generator seed."),
     force: bool = typer.Option(False, "--force", help="Replace an existing corpus folder."),
 ):

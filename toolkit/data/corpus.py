@@ -24,7 +24,7 @@ def _write_line(f, text: str, digest) -> int:
     line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
     f.write(line)
     digest.update(line.encode("utf-8"))
-    return len(text)
+    return len(text.encode("utf-8"))
 
 
 def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source: str, config: dict | None = None,
@@ -37,7 +37,7 @@ def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     k = max(2, round(1.0 / val_fraction))
-    counts = {s: {"documents": 0, "chars": 0} for s in SPLITS}
+    counts = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
     digest = hashlib.sha256()
     held: str | None = None  # one document of look-ahead, so the last can still go to val
     n = 0
@@ -47,7 +47,8 @@ def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source
 
         def put(split: str, text: str):
             counts[split]["documents"] += 1
-            counts[split]["chars"] += _write_line(files[split], text, digest)
+            counts[split]["chars"] += len(text)
+            counts[split]["bytes"] += _write_line(files[split], text, digest)
 
         for doc in docs:
             if held is not None:
@@ -72,6 +73,7 @@ def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source
         "source": source,
         "documents": {s: counts[s]["documents"] for s in SPLITS},
         "chars": {s: counts[s]["chars"] for s in SPLITS},
+        "bytes": {s: counts[s]["bytes"] for s in SPLITS},  # UTF-8, for bits per byte
         "val_fraction": val_fraction,
         "sha256": digest.hexdigest(),
         "config": config or {},

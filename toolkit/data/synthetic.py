@@ -127,7 +127,7 @@ def _storm(rng, hero, friend, place, obj):
         f'"I am scared," said {friend.name}. "What do we do?"',
         f'"Come with me," said {hero.name}. "We can hide {rng.choice(["under the big tree", "in the old barn", "in my house", "in a little cave"])}."',
         f"They ran fast and stayed dry while the storm went by. {hero.name} held {friend.his} hand.",
-        f"When the rain stopped, they saw a rainbow in the sky. It was so pretty.",
+        "When the rain stopped, they saw a rainbow in the sky. It was so pretty.",
         f'"You were brave," {friend.name} said. {hero.name} smiled and felt {rng.choice(FEELINGS_GOOD)}.',
     ]
 

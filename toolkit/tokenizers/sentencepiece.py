@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -117,7 +118,11 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, out_dir: Path
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             if "Vocabulary size too high" in msg:
-                msg = "Vocabulary size too high; this corpus supports at most " + msg.rsplit("<=", 1)[-1].strip(" .")
-            raise UserError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {msg} "
-                            "(use a smaller --vocab-size or a larger corpus)") from None
+                most = msg.rsplit("<=", 1)[-1].strip(" .")
+                msg = f"this corpus supports at most {most} tokens (use a smaller vocab size or a larger corpus)"
+            elif "smaller than required_chars" in msg:
+                need = re.search(r"(\d+) vs (\d+)", msg)
+                msg = (f"the corpus has more distinct characters than fit; use a vocab size of at least "
+                       f"{int(need.group(2)) + 1 if need else 'more'}")
+            raise UserError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {msg}") from None
         return SentencePieceTokenizer(Path(f"{prefix}.model").read_bytes())
