@@ -59,3 +59,48 @@ def sp_tokenizer_dir(tmp_path_factory, corpus_dir):
     tokenizers.build(TokenizerConfig(kind="sentencepiece", vocab_size=400), iter_documents(corpus_dir, "train"), out,
                      quiet=True)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lmkit_cache(tmp_path_factory):
+    """Corpus/tokenizer/shard products of `lmkit train` go to a per-session cache."""
+    path = tmp_path_factory.mktemp("lmkit-cache")
+    os.environ["LMKIT_CACHE"] = str(path)
+    return path
+
+
+TINY_RECIPE = """
+name = "tiny"
+[model]
+family = "llama"
+dim = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+multiple_of = 16
+max_seq_len = 32
+[tokenizer]
+kind = "bytes"
+n_sentinels = 0
+[data]
+source = "synthetic"
+synthetic_stories = 300
+[train]
+device = "cpu"
+dtype = "float32"
+batch_size = 4
+grad_accum = 2
+max_iters = 12
+lr = 3e-3
+warmup_iters = 2
+eval_interval = 6
+eval_iters = 2
+log_interval = 1
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY_RECIPE)
+    return p

@@ -359,12 +359,19 @@ class BatchSampler:
         self.weights = sizes / sizes.sum()
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the next batch's windows start: (shard index, offset) per row. Advances the stream."""
         which = self.rng.choice(len(self.arrays), size=self.batch_size, p=self.weights)
         limits = np.array([len(a) - self.seq_len - 1 for a in self.arrays])[which]
         offsets = (self.rng.random(self.batch_size) * (limits + 1)).astype(np.int64)
+        return which, offsets
+
+    def read(self, which: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = gather(self.arrays, which, offsets, self.seq_len + 1)
         return rows[:, :-1], rows[:, 1:]
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.read(*self.draw())
 
     def state(self) -> dict:
         return self.rng.bit_generator.state

@@ -30,6 +30,8 @@ class Tokenizer(Protocol):
 
     def save(self, folder: Path) -> None: ...
 
+    # optional: token_bytes() -> np.ndarray, the UTF-8 bytes each id stands for (for bits per byte)
+
 
 META_FILE = "tokenizer.json"
 
@@ -64,6 +66,14 @@ def load(folder: str | Path):
         from toolkit.tokenizers.bytes import BytesTokenizer
 
         tok = BytesTokenizer(meta.get("n_sentinels", 0))
+    elif kind == "audio":
+        from toolkit.tokenizers.audio import AudioTokenizer
+
+        tok = AudioTokenizer(meta["layout"], meta["n_codebooks"], meta["codebook_size"], meta["n_sentinels"])
+    elif kind == "llama2c":
+        from toolkit.tokenizers.llama2c import Llama2cTokenizer
+
+        tok = Llama2cTokenizer.load(folder, meta["vocab_size"])
     else:
         raise UserError(f"{folder}: unknown tokenizer kind {kind!r}")
     if tok.fingerprint != meta["fingerprint"]:
@@ -72,7 +82,7 @@ def load(folder: str | Path):
 
 
 def from_config(cfg) -> object:
-    """A tokenizer that needs no training (tiktoken, bytes) straight from a [tokenizer] table."""
+    """A tokenizer that needs no training (tiktoken, bytes, audio) straight from a [tokenizer] table."""
     if cfg.kind == "tiktoken":
         from toolkit.tokenizers.tiktoken import TiktokenTokenizer
 
@@ -81,6 +91,10 @@ def from_config(cfg) -> object:
         from toolkit.tokenizers.bytes import BytesTokenizer
 
         return BytesTokenizer(cfg.n_sentinels)
+    if cfg.kind == "audio":
+        from toolkit.tokenizers.audio import AudioTokenizer
+
+        return AudioTokenizer(cfg.layout, cfg.n_codebooks, cfg.codebook_size, cfg.n_sentinels)
     raise UserError(f"tokenizer kind {cfg.kind!r} must be trained or loaded from a folder")
 
 

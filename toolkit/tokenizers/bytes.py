@@ -37,5 +37,8 @@ class BytesTokenizer:
         arr = np.asarray(list(ids), dtype=np.int64)
         return arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        return (np.arange(self.vocab_size) < 256).astype(np.int64)
+
     def save(self, folder: Path) -> None:
         write_meta(Path(folder), self, n_sentinels=self.n_sentinels)

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from toolkit.errors import UserError
@@ -44,6 +45,12 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (0 for control pieces), for bits per byte."""
+        sp = self.sp
+        return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                         else len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8")) for i in range(self.vocab_size)])
 
     def pieces(self) -> list[tuple[str, float]]:
         return [(self.sp.id_to_piece(i), self.sp.get_score(i)) for i in range(self.vocab_size)]

@@ -131,5 +131,12 @@ class TiktokenTokenizer:
         # with a fold cap an id stands for several tokens; the smallest (the id itself) is shown
         return self.enc.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (0 for special tokens), for bits per byte."""
+        special = set(self.enc._special_tokens.values())
+        n = np.array([0 if i in special else len(self.enc.decode_single_token_bytes(i))
+                      for i in range(self.enc.n_vocab)])
+        return n[: self.vocab_size] if self.vocab_cap else n
+
     def save(self, folder: Path) -> None:
         write_meta(Path(folder), self, encoding=self.encoding, vocab_cap=self.vocab_cap, cap_policy=self.cap_policy)

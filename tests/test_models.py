@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from toolkit import models
+from toolkit.models.llama import Config, apply_rope, rope_tables
+
+
+def tiny(**kw):
+    cfg = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16, multiple_of=8)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return models.build(Config(**cfg))
+
+
+def test_shapes_and_backward():
+    m = tiny()
+    x = torch.randint(0, 50, (3, 16))
+    logits, loss = m(x, x)
+    assert logits.shape == (3, 16, 50) and loss.ndim == 0
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert m.output.weight is m.tok_embeddings.weight  # tied, as llama2.c
+    assert tiny(tie_embeddings=False).output.weight is not tiny().tok_embeddings.weight
+
+
+def test_llama2c_hidden_dim_init_and_param_count():
+    assert Config(dim=288).ffn_dim == 768 and Config(dim=512, n_heads=8).ffn_dim == 1376 and Config(dim=768, n_heads=12).ffn_dim == 2048
+    assert Config(dim=64, n_heads=8, multiple_of=4).ffn_dim == 172
+    m = models.build(Config(dim=288, n_layers=6, n_heads=6, vocab_size=32000))
+    assert abs(m.num_params() - 15.19e6) < 0.01e6  # llama2.c's stories15M
+    std = m.layers[0].attention.wo.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(12)) < 0.001
+    assert abs(m.layers[0].attention.wq.weight.std().item() - 0.02) < 0.001
+
+
+def test_rope_rotates_interleaved_pairs_like_run_c():
+    head_dim, T = 8, 5
+    cos, sin = rope_tables(head_dim, T, 10000.0)
+    x = torch.randn(1, 1, T, head_dim)
+    out = apply_rope(x, cos, sin)
+    for pos in range(T):  # run.c: for i in 0, 2, 4...: freq = 1 / 10000^(i / head_size); rotate (x[i], x[i+1])
+        for i in range(0, head_dim, 2):
+            theta = pos / (10000.0 ** (i / head_dim))
+            a, b = x[0, 0, pos, i].item(), x[0, 0, pos, i + 1].item()
+            assert out[0, 0, pos, i].item() == pytest.approx(a * math.cos(theta) - b * math.sin(theta), abs=1e-5)
+            assert out[0, 0, pos, i + 1].item() == pytest.approx(a * math.sin(theta) + b * math.cos(theta), abs=1e-5)
+
+
+def test_causal_no_future_leakage():
+    m = tiny().eval()
+    x = torch.randint(0, 50, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 50
+    assert torch.allclose(m(x)[0][0, :10], m(y)[0][0, :10], atol=1e-6)
+    assert not torch.allclose(m(x)[0][0, 10:], m(y)[0][0, 10:])
+
+
+def test_kv_cache_equals_full_sequence():
+    m = tiny().eval()
+    x = torch.randint(0, 50, (2, 12))
+    full = m(x)[0]
+    cache = m.new_cache(2)
+    parts = [m(x[:, :5], cache=cache, pos=0)[0]] + [m(x[:, i : i + 1], cache=cache, pos=i)[0] for i in range(5, 9)]
+    parts.append(m(x[:, 9:], cache=cache, pos=9)[0])
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    m = tiny()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 50, (4, 16))
+    first = None
+    for _ in range(150):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.1
+
+
+def test_flops_per_token_matches_palm_formula():
+    m = tiny()
+    c = m.config
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * c.n_layers * c.n_heads * c.head_dim * c.max_seq_len

@@ -1,0 +1,177 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import lmkit
+from safetensors.torch import load_file
+
+from toolkit import models
+from toolkit import recipe as recipe_lib
+from toolkit.errors import UserError
+from toolkit.shards import ShardSet, eval_windows
+from toolkit.train import checkpoint as ckpt
+from toolkit.train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run) if "loss" in m]
+
+
+def test_train_writes_a_complete_run_folder_and_learns(tiny_recipe, tmp_path):
+    r = recipe_lib.load(tiny_recipe, ["train.max_iters=40", "train.eval_interval=20"])
+    summary = train(r, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "recipe.toml", "state.pt", "metrics.jsonl", "run.json", "tokenizer/tokenizer.json"):
+        assert (run / name).exists(), name
+    evals = [m for m in metrics(run) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [20, 40]
+    assert evals[-1]["val_loss"] < math.log(259) - 1.0  # far below uniform over the byte vocabulary
+    assert summary["step"] == 40 and summary["val_bpb"] > 0
+    loaded = ckpt.load_run(run)
+    assert loaded.step == 40 and loaded.recipe.model.vocab_size == 259
+    with pytest.raises(UserError, match="already holds a run; use --resume"):
+        train(r, run)
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(tiny_recipe, tmp_path):
+    r = recipe_lib.load(tiny_recipe)
+    train(r, tmp_path / "straight")
+    assert train(r, tmp_path / "split", stop_after=5)["stopped_early"]
+    resumed = recipe_lib.load(tmp_path / "split" / "recipe.toml")
+    train(resumed, tmp_path / "split", resume=True)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path, monkeypatch):
+    from toolkit.models import llama
+
+    calls = {"n": 0}
+    forward = llama.Model.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 8:  # grad_accum 2: from step 9 on
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(llama.Model, "forward", poisoned)
+    r = recipe_lib.load(tiny_recipe, ["train.eval_interval=4", "train.log_interval=3"])
+    with pytest.raises(UserError, match="loss became nan at step 9; stopped"):
+        train(r, tmp_path / "run")
+    kept = ckpt.load_run(tmp_path / "run")
+    assert kept.step == 8 and all(torch.isfinite(p).all() for p in kept.model.parameters())
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    train(recipe_lib.load(tiny_recipe, ["train.max_iters=6"]), run)
+    r = recipe_lib.load(run / "recipe.toml", ["train.max_iters=12"])
+    good = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot read the training state"):
+        train(r, run, resume=True)
+    (run / "state.pt").write_bytes(good)
+    ckpt.save_weights(ckpt.load_run(run).model, run / "model.safetensors", step=3)
+    with pytest.raises(UserError, match="model.safetensors is from step 3 but state.pt from step 6"):
+        train(r, run, resume=True)
+    (run / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        ckpt.load_run(run)
+    wrong = recipe_lib.load(tiny_recipe, ["model.dim=64"])
+    recipe_lib.save(wrong, run / "recipe.toml")
+    ckpt.save_weights(models.build(recipe_lib.load(tiny_recipe).model, 259), run / "model.safetensors")
+    with pytest.raises(UserError, match="has shape .* the recipe's model needs"):
+        ckpt.load_run(run)
+
+
+def test_eval_equals_a_direct_computation(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(recipe_lib.load(tiny_recipe), run)
+    code, out, err = lmkit(capsys, "eval", str(run), "--json", "--batches", "3", "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(out)
+    loaded = ckpt.load_run(run)
+    shards = ShardSet(json.loads((run / "run.json").read_text())["data"]["shards"])
+    total, n, nbytes = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in eval_windows(shards, "val", 32, 4, 3):  # eval batch = train batch 4
+            for row_x, row_y in zip(x, y):  # one window at a time, plain cross-entropy
+                logits = loaded.model(torch.tensor(row_x)[None])[0][0]
+                total += F.cross_entropy(logits, torch.tensor(row_y), reduction="sum").item()
+                n += len(row_y)
+                nbytes += int((torch.tensor(row_y) < 256).sum())
+    assert got["tokens"] == n == 3 * 4 * 32
+    assert got["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert got["bpb"] == pytest.approx(total / n / math.log(2) * n / nbytes, rel=1e-5)
+    text = tmp_path / "held_out.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. " * 30)
+    code, out, err = lmkit(capsys, "eval", str(run), "--data", str(text), "--json", "--device", "cpu")
+    assert code == 0, err and json.loads(out)["tokens"] > 0
+
+
+def test_cli_train_resume_and_errors(tiny_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = lmkit(capsys, "train", str(tiny_recipe), "--out", str(run), "--set", "train.max_iters=4")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 4
+    code, out, err = lmkit(capsys, "train", str(run), "--resume", "--set", "train.max_iters=6")
+    assert code == 0, err and json.loads(out.strip().splitlines()[-1])["step"] == 6
+    code, _, err = lmkit(capsys, "train", str(run))
+    assert code == 1 and "add --resume" in err
+    code, _, err = lmkit(capsys, "train", str(tiny_recipe), "--out", str(tmp_path / "r2"), "--set",
+                         "data.source=/no/such/folder")
+    assert code == 1 and "data source not found" in err and "Traceback" not in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "train", str(tiny_recipe), "--out", str(run),
+                             "--set", "train.max_iters=100000", "--set", "train.eval_interval=100000"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped_early"] and summary["step"] >= 3
+    assert ckpt.load_state(run / "state.pt")["step"] == summary["step"] == ckpt.load_run(run).step
+    assert "--resume" in err
+
+
+def test_ddp_two_gloo_processes_equal_a_single_process(tiny_recipe, tmp_path):
+    single = tmp_path / "single"
+    train(recipe_lib.load(tiny_recipe, ["train.max_iters=5", "train.eval_interval=5"]), single)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "toolkit", "train", str(tiny_recipe), "--out", str(tmp_path / "ddp"),
+                           "--set", "train.max_iters=5", "--set", "train.eval_interval=5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+    a, b = train_losses(single), train_losses(tmp_path / "ddp")
+    assert len(a) == len(b) == 5
+    assert a == pytest.approx(b, rel=1e-5)
+    wa, wb = load_file(single / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

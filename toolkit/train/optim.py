@@ -1,0 +1,96 @@
+"""Optimizers with per-group settings from the recipe, and the learning-rate schedules.
+
+Parameters fall into named groups: `embedding`, `head` (an untied classifier), `matrix` (the other
+2-D weights) and `scalar` (gains, biases, per-head scalars). A model may name its own groups with
+`optimizer_groups() -> {name: [params]}`. `[train.groups.NAME]` overrides lr, weight_decay, betas,
+eps or the optimizer for a group; by default weight decay applies to 2-D tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+GROUP_NAMES = ("embedding", "head", "matrix", "scalar")
+
+
+def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "output", None) or getattr(model, "lm_head", None)
+    head_ids = {id(head.weight)} if isinstance(head, nn.Linear) else set()
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
+    for p in model.parameters():  # shared (tied) tensors appear once
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding_ids:
+            groups["embedding"].append(p)
+        elif id(p) in head_ids:
+            groups["head"].append(p)
+        elif p.dim() >= 2:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return {k: v for k, v in groups.items() if v}
+
+
+def _make(kind: str, groups: list[dict], device_type: str):
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9)
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    try:  # one fused kernel per step where available (CUDA, and CPU in recent torch)
+        return cls(groups, lr=groups[0]["lr"], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(groups, lr=groups[0]["lr"], foreach=device_type == "cuda")
+
+
+def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.optim.Optimizer]:
+    """One optimizer per optimizer kind in use; each param group remembers its `base_lr`."""
+    named = model.optimizer_groups() if hasattr(model, "optimizer_groups") else default_groups(model)
+    unknown = set(cfg.groups) - set(named)
+    if unknown:
+        from toolkit.errors import UserError
+
+        raise UserError(f"[train.groups]: no parameter group {sorted(unknown)[0]!r} in this model "
+                        f"(groups: {', '.join(named)})")
+    by_kind: dict[str, list[dict]] = {}
+    for name, params in named.items():
+        o = cfg.groups.get(name, {})
+        decay = o.get("weight_decay", cfg.weight_decay if params[0].dim() >= 2 else 0.0)
+        kind = o.get("optimizer", cfg.optimizer)
+        group = {"params": params, "name": name, "lr": o.get("lr", cfg.lr), "base_lr": o.get("lr", cfg.lr),
+                 "weight_decay": decay}
+        if kind != "sgd":
+            group["betas"] = (o.get("beta1", cfg.beta1), o.get("beta2", cfg.beta2))
+            group["eps"] = o.get("eps", cfg.eps)
+        by_kind.setdefault(kind, []).append(group)
+    return [_make(kind, groups, device_type) for kind, groups in by_kind.items()]
+
+
+def lr_factor(step: int, cfg) -> float:
+    """The schedule's multiplier of each group's base lr at `step` (0-based), floored at min_lr / lr."""
+    floor = cfg.min_lr / cfg.lr
+    warmup, total = cfg.warmup_iters, cfg.max_iters
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = total - warmup
+        if span <= 0:  # max_iters <= warmup: the whole run is warm-up (llama2.c divides by zero here)
+            return 1.0
+        progress = min(1.0, (step - warmup) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # asr: attack (warmup), sustain, release (linear decay over the last decay_iters steps)
+    release_start = max(warmup, total - cfg.decay_iters)
+    if step < release_start or cfg.decay_iters == 0:
+        return 1.0
+    progress = min(1.0, (step - release_start + 1) / max(1, total - release_start))
+    return 1.0 + (floor - 1.0) * progress
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor

@@ -1,0 +1,107 @@
+"""Make whatever of corpus -> tokenizer -> shards a recipe needs and is missing or stale.
+
+Each product lives in a cache folder named by a hash of everything it depends on (the source's
+files, sizes and mtimes; the [data] and [tokenizer] settings; the tokenizer's fingerprint), so a
+changed input makes a new product and an unchanged one is reused across runs and seeds.
+Cache root: $LMKIT_CACHE, else ~/.cache/lmkit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit import tokenizers
+from toolkit.console import info
+from toolkit.errors import UserError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMKIT_CACHE") or Path.home() / ".cache" / "lmkit")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_signature(source: str) -> list:
+    """What identifies the source's content: for local paths every file's name, size and mtime."""
+    if source == "synthetic" or source.startswith("hf:"):
+        return [source]
+    path = Path(source).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        return [str(path.resolve())] + [[p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                                        for p in sorted(path.rglob("*")) if p.is_file()]
+    raise UserError(f"data source not found: {source} (set data.source, e.g. --set data.source=path/to/docs)")
+
+
+@dataclass
+class Prepared:
+    corpus: Path | None
+    tokenizer_dir: Path
+    shards: Path
+    tokenizer: object
+
+
+def _shard_folder_for(source: str) -> Path | None:
+    """A source that is already a shard folder (lmkit's, or llama2.c's .bin files) is used as it is."""
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "meta.json").is_file() or (any(path.glob("*.bin")) and not any(
+            p.suffix in (".md", ".txt", ".jsonl") for p in path.iterdir()))):
+        return path
+    return None
+
+
+def prepare(recipe, quiet: bool = False) -> Prepared:
+    from toolkit.data import build_corpus, iter_documents, read_manifest
+    from toolkit.shards import ShardSet, pretokenize
+
+    data, tcfg = recipe.data, recipe.tokenizer
+    root = cache_root()
+    shard_dir = _shard_folder_for(data.source)
+    if shard_dir is not None:
+        if not tcfg.path:
+            raise UserError(f"{data.source} holds shards; name their tokenizer with tokenizer.path")
+        tok = tokenizers.load(tcfg.path)
+        ShardSet(shard_dir).check_tokenizer(tok)
+        return Prepared(None, Path(tcfg.path), shard_dir, tok)
+
+    corpus_fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("shard_tokens",)}
+    corpus_dir = root / "corpus" / _hash([corpus_fields, source_signature(data.source)])
+    if not (corpus_dir / "manifest.json").is_file():
+        info(f"data: collecting {data.source} -> {corpus_dir}")
+        build_corpus(data, corpus_dir, overwrite=True)
+    manifest = read_manifest(corpus_dir)
+
+    if tcfg.path:
+        tok_dir = Path(tcfg.path)
+        tok = tokenizers.load(tok_dir)
+    else:
+        tok_dir = root / "tokenizer" / _hash([dataclasses.asdict(tcfg), manifest["sha256"]])
+        if not (tok_dir / tokenizers.META_FILE).is_file():
+            info(f"vocab: {tcfg.kind} tokenizer -> {tok_dir}")
+            tmp = tok_dir.with_name(tok_dir.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizers.build(tcfg, iter_documents(corpus_dir, "train"), tmp, quiet=quiet)
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            tmp.rename(tok_dir)
+        tok = tokenizers.load(tok_dir)
+
+    shards_dir = root / "shards" / _hash([tok.fingerprint, manifest["sha256"], data.shard_tokens, tcfg.append_eos])
+    if not (shards_dir / "meta.json").is_file():
+        info(f"pretokenize: -> {shards_dir}")
+        tmp = shards_dir.with_name(shards_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pretokenize(corpus_dir, tok_dir, tmp, shard_tokens=data.shard_tokens, append_eos=tcfg.append_eos,
+                    overwrite=True)
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        tmp.rename(shards_dir)
+    return Prepared(corpus_dir, tok_dir, shards_dir, tok)
