@@ -42,12 +42,14 @@ def evaluate(model, shards, split: str, seq_len: int, batch_size: int, max_batch
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with autocast_ctx or contextlib.nullcontext():
             logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none",
+                                 ignore_index=-1)
+        valid = y >= 0  # targets masked out (-1, e.g. prompts in chat data) are not counted
         total_loss += losses.sum().item()
-        total_tokens += y.numel()
+        total_tokens += int(valid.sum())
         windows += x.shape[0]
         if byte_table is not None:
-            total_bytes += byte_table[y].sum().item()
+            total_bytes += (byte_table[y.clamp(min=0)] * valid).sum().item()
     model.train(was_training)
     loss = total_loss / total_tokens
     bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else None

@@ -288,11 +288,66 @@ def convert_llama2c(bin_dir: Path, out_dir: Path, vocab_size: int, tokenizer_met
     return meta
 
 
+def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir: Path, template: str,
+                              val_fraction: float = 0.1, shard_tokens: int = 100_000_000,
+                              overwrite: bool = False) -> dict:
+    """Conversations JSONL -> shards plus a loss mask per token (`*.mask`, uint8, no header): 1 where the
+    token is a target to learn (the assistant's tokens in the llama2 template; everything in "qa")."""
+    from toolkit import tokenizers
+    from toolkit.data.chat_template import encode_conversation
+    from toolkit.data.conversations import read_conversations
+
+    tok = tokenizers.load(tokenizer_dir)
+    out_dir = Path(out_dir)
+    if (out_dir / META).exists() and not overwrite:
+        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
+    convs = list(read_conversations(conversations))
+    if not convs:
+        raise UserError(f"{conversations}: no conversations")
+    k = max(2, round(1.0 / val_fraction))
+    splits = {"train": [c for i, c in enumerate(convs) if i % k != k - 1],
+              "val": [c for i, c in enumerate(convs) if i % k == k - 1]}
+    if not splits["val"]:  # too few conversations: the last one is held out, or shared when it is the only one
+        splits["val"] = convs[-1:]
+        splits["train"] = convs[:-1] or convs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for(tok.vocab_size)
+    meta = {"format": "llm.c shards", "magic": MAGIC, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+            "loss_mask": True, "chat_template": template, "tokens": {}, "shards": {}, "documents": {},
+            "target_tokens": {}, "source": str(conversations)}
+    for split, items in splits.items():
+        ids, mask = [], []
+        for conv in items:
+            try:
+                i, m = encode_conversation(tok, conv, template)
+            except ValueError as e:
+                raise UserError(f"{conversations}: {e}") from None
+            ids += i
+            mask += m
+        tokens, masks = np.array(ids, dtype=dtype), np.array(mask, dtype=np.uint8)
+        writer = ShardWriter(out_dir, split, shard_tokens, dtype)
+        writer.add(tokens)
+        paths = writer.close()
+        for p in paths:  # the mask files follow the token shards one to one
+            n = read_header(p)[1]
+            masks[:n].tofile(p.with_suffix(".mask"))
+            masks = masks[n:]
+        meta["shards"][split] = [p.name for p in paths]
+        meta["tokens"][split] = writer.total
+        meta["documents"][split] = len(items)
+        meta["target_tokens"][split] = int(np.array(mask).sum())
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 # --- reading: the shard set and the batch sampler ------------------------------------------------
 
 
 class ShardSet:
-    """The train and val token streams of a shard folder, memory-mapped."""
+    """The train and val token streams of a shard folder, memory-mapped (with loss masks for chat data)."""
+
+    masks: dict | None = None
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -302,6 +357,9 @@ class ShardSet:
         if meta_path.is_file():
             self.meta = json.loads(meta_path.read_text())
             self.splits = {s: [open_shard(self.folder / n) for n in self.meta["shards"][s]] for s in ("train", "val")}
+            if self.meta.get("loss_mask"):
+                self.masks = {s: [np.memmap((self.folder / n).with_suffix(".mask"), dtype=np.uint8, mode="r")
+                                  for n in self.meta["shards"][s]] for s in ("train", "val")}
         else:  # a folder of llama2.c .bin files
             files = sorted(self.folder.glob("*.bin"))
             if not files:
@@ -349,7 +407,9 @@ class BatchSampler:
     """
 
     def __init__(self, shards: ShardSet, split: str, seq_len: int, batch_size: int, seed: int):
-        self.arrays = [a for a in shards.splits[split] if len(a) > seq_len + 1]
+        keep = [i for i, a in enumerate(shards.splits[split]) if len(a) > seq_len + 1]
+        self.arrays = [shards.splits[split][i] for i in keep]
+        self.masks = [shards.masks[split][i] for i in keep] if shards.masks else None
         if not self.arrays:
             longest = max(len(a) for a in shards.splits[split])
             raise UserError(f"the {split} split has no shard longer than seq_len + 1 = {seq_len + 1} tokens "
@@ -368,7 +428,10 @@ class BatchSampler:
 
     def read(self, which: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = gather(self.arrays, which, offsets, self.seq_len + 1)
-        return rows[:, :-1], rows[:, 1:]
+        x, y = rows[:, :-1], rows[:, 1:].copy()
+        if self.masks is not None:
+            y[gather(self.masks, which, offsets + 1, self.seq_len) == 0] = -1  # not a target: ignored by the loss
+        return x, y
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         return self.read(*self.draw())
@@ -395,4 +458,7 @@ def eval_windows(shards: ShardSet, split: str, seq_len: int, batch_size: int, ma
     for start in range(0, n_windows, batch_size):
         sl = slice(start, min(start + batch_size, n_windows))
         rows = gather(shards.splits[split], which_a[sl], offsets_a[sl], seq_len + 1)
-        yield rows[:, :-1], rows[:, 1:]
+        y = rows[:, 1:].copy()
+        if shards.masks:
+            y[gather(shards.masks[split], which_a[sl], offsets_a[sl] + 1, seq_len) == 0] = -1
+        yield rows[:, :-1], y

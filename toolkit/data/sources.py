@@ -7,15 +7,12 @@ dataset) or `synthetic` (the built-in story generator).
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import sys
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 from toolkit.errors import UserError
+from toolkit.hub import offline_unless_reachable
 
 TEXT_SUFFIXES = (".md", ".markdown", ".txt")
 EOT = "<|endoftext|>"
@@ -103,26 +100,8 @@ def file_documents(path: Path, cfg, in_folder: bool) -> Iterator[str]:
     yield from split_text(text, separator)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _go_offline() -> None:
-    """Without a network, let the hub libraries use their caches instead of retrying for half a minute."""
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
-        if module in sys.modules:
-            setattr(sys.modules[module], attr, True)
-
-
 def hf_documents(name: str, cfg) -> Iterator[str]:
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not hub_reachable():
-        _go_offline()
+    offline_unless_reachable()
     try:
         import datasets
     except ImportError:

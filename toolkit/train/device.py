@@ -36,9 +36,11 @@ def cpu_bf16_supported() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 autocast on CUDA GPUs that support it, fp32 elsewhere."""
+    """`auto`: bf16 autocast on CUDA GPUs and CPUs (AVX-512 BF16 / AMX) that support it, fp32 elsewhere."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_bf16_supported():
             return torch.bfloat16
         return torch.float32
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -84,6 +84,32 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def train_step(model, raw_model, optimizers, batches, amp, grad_clip: float, scaler=None, no_sync=None
+               ) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns the mean loss as a tensor (no host sync).
+    `no_sync` (DDP) skips the gradient all-reduce on all but the last micro-batch."""
+    step_loss = None
+    for i, (x, y) in enumerate(batches):
+        with no_sync() if no_sync is not None and i < len(batches) - 1 else nullcontext():
+            with amp:
+                _, loss = model(x, y)
+            loss = loss / len(batches)
+            (scaler.scale(loss) if scaler else loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    if scaler:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    for opt in optimizers:
+        scaler.step(opt) if scaler else opt.step()
+    if scaler:
+        scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def run_dir_for(recipe) -> Path:
     return Path(recipe.train.out_dir or f"out/{recipe.name}")
 
@@ -97,11 +123,11 @@ def _metrics_truncate(path: Path, step: int) -> None:
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
-          force: bool = False, stop_after: int = 0) -> dict:
+          force: bool = False, stop_after: int = 0, time_limit: float = 0.0) -> dict:
     """Train `recipe` into `run_dir`; returns a summary (final step, val loss, ...).
 
     `stop_after` > 0 stops (with a checkpoint) after that many steps of this call, as Ctrl-C does:
-    time-sliced jobs continue later with `resume`.
+    time-sliced jobs continue later with `resume`. `time_limit` > 0 does the same after that many seconds.
     """
     from toolkit.train.pipeline import prepare
 
@@ -189,7 +215,6 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     peak = peak_flops(device, dtype, tc.peak_flops) if d.master else 0.0
     token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
     tokens_per_step = tc.batch_size * seq_len * tc.grad_accum
-    micro_per_rank = tc.grad_accum // d.world
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     amp = autocast(device, dtype)
 
@@ -256,38 +281,20 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
 
     from toolkit.console import progress
 
-    start_step = step
+    start_step, start_time = step, time.perf_counter()
     with StopFlag() as stop, progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=tc.max_iters, completed=step, status="", visible=d.master)
         while step < tc.max_iters:
             set_lr(optimizers, lr_factor(step, tc))
-            step_loss = torch.zeros((), device=device)
+            batches = []
             for m in range(tc.grad_accum):  # all ranks draw every micro-batch; each keeps its own
                 which, offsets = sampler.draw()
-                if m % d.world != d.rank:
-                    continue
-                x, y = sampler.read(which, offsets)
-                x = torch.from_numpy(x).to(device, non_blocking=True)
-                y = torch.from_numpy(y).to(device, non_blocking=True)
-                last_micro = (m // d.world) == micro_per_rank - 1
-                sync = model.no_sync() if d.enabled and not last_micro else nullcontext()
-                with sync:
-                    with amp:
-                        _, loss = model(x, y)
-                    loss = loss / micro_per_rank
-                    (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
-            if scaler:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-            for opt in optimizers:
-                (scaler.step(opt) if scaler else opt.step())
-            if scaler:
-                scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+                if m % d.world == d.rank:
+                    x, y = sampler.read(which, offsets)
+                    batches.append((torch.from_numpy(x).to(device, non_blocking=True),
+                                    torch.from_numpy(y).to(device, non_blocking=True)))
+            step_loss = train_step(model, raw_model, optimizers, batches, amp, tc.grad_clip, scaler,
+                                   model.no_sync if d.enabled else None)
             step += 1
             tokens_seen += tokens_per_step
             pending.append((step, step_loss))
@@ -301,7 +308,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
                 stopping = flag.item() > 0
             else:
                 stopping = stop.stop
-            stopping = (stopping or (stop_after and step - start_step >= stop_after)) and step < tc.max_iters
+            stopping = stopping or (stop_after and step - start_step >= stop_after)
+            stopping = (stopping or (time_limit and time.perf_counter() - start_time >= time_limit)) and step < tc.max_iters
             if step % tc.log_interval == 0 or is_ckpt or stopping or step == tc.max_iters:
                 losses = check_finite()
                 now = time.perf_counter()

@@ -74,6 +74,21 @@ def prepare(recipe, quiet: bool = False) -> Prepared:
         ShardSet(shard_dir).check_tokenizer(tok)
         return Prepared(None, Path(tcfg.path), shard_dir, tok)
 
+    if data.chat_template:  # fine-tuning on conversations: tokens with a loss mask
+        from toolkit.shards import pretokenize_conversations
+
+        if not tcfg.path:
+            raise UserError("training on conversations needs the base model's tokenizer: use --init-from RUN "
+                            "(or set tokenizer.path)")
+        tok = tokenizers.load(tcfg.path)
+        sft_dir = root / "sft" / _hash([tok.fingerprint, source_signature(data.source), data.chat_template,
+                                        data.val_fraction, data.shard_tokens])
+        if not (sft_dir / "meta.json").is_file():
+            info(f"pretokenize: conversations ({data.chat_template} template) -> {sft_dir}")
+            pretokenize_conversations(Path(data.source), Path(tcfg.path), sft_dir, data.chat_template,
+                                      data.val_fraction, data.shard_tokens, overwrite=True)
+        return Prepared(None, Path(tcfg.path), sft_dir, tok)
+
     corpus_fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("shard_tokens",)}
     corpus_dir = root / "corpus" / _hash([corpus_fields, source_signature(data.source)])
     if not (corpus_dir / "manifest.json").is_file():

@@ -1,0 +1,89 @@
+"""Training throughput of a recipe's model through the trainer's own step. Prints JSON.
+
+    python benchmarks/train_throughput.py recipes/tinystories15m.toml --batch 16 --seq 256 --dtype bfloat16 --compile
+
+Random tokens (no data needed), the recipe's optimizer groups, clipping and precision; MFU is
+against the peak of the precision used (measured on CPU, known for GPUs; --peak-flops overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toolkit import models  # noqa: E402
+from toolkit import recipe as recipe_lib
+from toolkit.train.device import autocast, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from toolkit.train.loop import train_step  # noqa: E402
+from toolkit.train.optim import build_optimizers  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=0, help="0 = the model's max_seq_len")
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--vocab", type=int, default=0, help="vocab size when the recipe leaves it to the tokenizer")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--peak-flops", type=float, default=0.0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    r = recipe_lib.load(args.recipe, args.overrides)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vocab = getattr(r.model, "vocab_size", 0) or args.vocab or r.tokenizer.vocab_size
+    torch.manual_seed(0)
+    raw = models.build(r.model, vocab).to(device)
+    seq = args.seq or r.model.max_seq_len
+    optimizers = build_optimizers(raw, r.train, device.type)
+    model = torch.compile(raw) if args.compile else raw
+    amp = autocast(device, dtype)
+    batches = [(torch.randint(0, vocab, (args.batch, seq), device=device),
+                torch.randint(0, vocab, (args.batch, seq), device=device)) for _ in range(args.accum)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
+    loss.item()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
+    loss.item()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens = args.batch * seq * args.accum
+    tps = tokens / dt
+    peak = peak_flops(device, dtype, args.peak_flops)
+    fpt = raw.flops_per_token(seq)
+    print(json.dumps({
+        "recipe": r.name, "family": r.model.family, "params": raw.num_params(), "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "batch": args.batch, "seq": seq,
+        "accum": args.accum, "tokens_per_s": round(tps, 1), "ms_per_step": round(1000 * dt, 1),
+        "mfu": round(tps * fpt / peak, 4) if peak else None, "peak_flops": peak, "flops_per_token": fpt,
+        "warmup_s": round(warmup_s, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "torch_threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
