@@ -52,8 +52,10 @@ def eval_run(
     table = Table(title=f"{run} (step {r.step}) on {source}")
     for col in ("val loss (nats)", "perplexity", "bits per byte", "tokens", "windows"):
         table.add_column(col, justify="right")
+    for name in res.extras:
+        table.add_column(name, justify="right")
     table.add_row(f"{res.loss:.4f}", f"{res.ppl:.2f}", f"{res.bpb:.4f}" if res.bpb else "-", f"{res.tokens:,}",
-                  str(res.windows))
+                  str(res.windows), *(f"{v:.4f}" for v in res.extras.values()))
     console.print(table)
 
 

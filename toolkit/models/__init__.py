@@ -1,7 +1,10 @@
 """Model families. Each module defines a frozen `Config` dataclass (with `family`) and `Model(config)`.
 
-A causal model takes `(idx, targets)` and returns `(logits, loss)`; it also has `num_params()`,
-`flops_per_token()` (for MFU) and a KV-cache forward used by `toolkit.generate`.
+A causal model takes `(idx, targets)` and returns `(logits, loss)` (targets of -1 are ignored: masked
+chat prompts); it also has `num_params()`, `flops_per_token(seq_len)` (for MFU), optionally
+`new_cache(batch, max_len)` with `forward(idx, cache=, pos=)` for `toolkit.generate`,
+`optimizer_groups() -> {name: [params]}` for per-group optimizer settings, and
+`eval_extras(logits, targets) -> {name: sum over tokens}` for metrics of its own beside the clean CE.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from dataclasses import replace
 
 FAMILIES = {
     "llama": "toolkit.models.llama",
+    "gpt2": "toolkit.models.gpt2",  # GPT-2 baseline and its Resonance variant
+    "attractor": "toolkit.models.attractor",  # BoggersTheLLM
+    "pgpt": "toolkit.models.pgpt",  # attn_demo's PGPT-Lformer
 }
 
 

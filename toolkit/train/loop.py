@@ -238,7 +238,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     def run_eval() -> dict:
         result = evaluate(raw_model, shards, "val", seq_len, recipe.eval.batch_size or tc.batch_size, tc.eval_iters,
                           device, amp, token_bytes)
-        return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb}
+        return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, **result.extras}
 
     def save(at_step: int) -> None:
         if not d.master:
