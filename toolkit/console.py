@@ -16,7 +16,7 @@ def set_quiet(quiet: bool) -> None:
 
 def info(message: str) -> None:
     if not QUIET:
-        console.print(message)
+        console.print(message, soft_wrap=True)
 
 
 def progress(*extra_columns) -> Progress:

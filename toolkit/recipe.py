@@ -41,7 +41,7 @@ def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "sentencepiece"  # sentencepiece | tiktoken | bytes | audio
+    kind: str = "sentencepiece"  # sentencepiece | tiktoken | bytes | audio | llama2c (a tokenizer.bin, via path)
     vocab_size: int = 4096  # sentencepiece: size to train
     encoding: str = "gpt2"  # tiktoken: encoding name
     vocab_cap: int = 0  # tiktoken: 0 = no cap
@@ -50,11 +50,15 @@ class TokenizerConfig:
     path: str = ""  # an existing tokenizer folder to use instead of training one
     max_sentences: int = 2_000_000  # sentencepiece: lines sampled for training
     append_eos: bool = False  # pretokenize: EOS after each document (BOS/EOT always goes before)
+    layout: str = "flatten"  # audio: codebook0 (the seed's) | flatten (frame-major, all codebooks) | delay (MusicGen)
+    n_codebooks: int = 8  # audio: codebooks in the stream (flatten, delay); 8 = EnCodec 24 kHz at 6 kbps
+    codebook_size: int = 1024  # audio: codes per codebook
 
     def __post_init__(self):
-        check_choice(self.kind, "kind", ("sentencepiece", "tiktoken", "bytes", "audio"))
+        check_choice(self.kind, "kind", ("sentencepiece", "tiktoken", "bytes", "audio", "llama2c"))
         check_choice(self.cap_policy, "cap_policy", ("none", "fold"))
         check(self.vocab_size >= 0, "vocab_size", "a size >= 0")
+        check(self.kind != "llama2c" or bool(self.path), "path", "a tokenizer folder for kind 'llama2c'")
         if self.kind == "sentencepiece" and not self.path:
             check(self.vocab_size >= 260, "vocab_size", "at least 260 (3 specials + 256 byte pieces + 1)")
         check(self.vocab_cap >= 0, "vocab_cap", "0 (no cap) or a positive cap")
@@ -62,6 +66,9 @@ class TokenizerConfig:
             check(self.cap_policy != "none", "cap_policy", "'fold' when vocab_cap is set")
         check(0 <= self.n_sentinels <= 4096, "n_sentinels", "between 0 and 4096")
         check(self.max_sentences > 0, "max_sentences", "a positive count")
+        check_choice(self.layout, "layout", ("codebook0", "flatten", "delay"))
+        check(1 <= self.n_codebooks <= 32, "n_codebooks", "between 1 and 32")
+        check(2 <= self.codebook_size <= 32768, "codebook_size", "between 2 and 32768")
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,11 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adam | sgd (per group overrides in [train.groups.NAME])
     lr: float = 5e-4
     min_lr: float = 0.0
-    schedule: str = "cosine"  # cosine | constant | asr (attack-sustain-release)
+    schedule: str = "cosine"  # cosine | constant | asr (attack-sustain-release) | step (x gamma every step_size)
     warmup_iters: int = 100
     decay_iters: int = 0  # asr: linear decay over the last N steps
+    step_size: int = 0  # step: multiply the lr by gamma every step_size steps (PyTorch's StepLR)
+    gamma: float = 0.5  # step: the factor
     weight_decay: float = 0.1  # matrices only; vectors and gains get 0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -122,7 +131,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choice(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
-        check_choice(self.schedule, "schedule", ("cosine", "constant", "asr"))
+        check_choice(self.schedule, "schedule", ("cosine", "constant", "asr", "step"))
+        check(self.schedule != "step" or self.step_size > 0, "step_size", "a positive step count for schedule 'step'")
+        check(0 < self.gamma <= 1, "gamma", "a factor in (0, 1]")
         check_choice(self.optimizer, "optimizer", ("adamw", "adam", "sgd"))
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
               "auto, cpu, cuda, cuda:N or mps")

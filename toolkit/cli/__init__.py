@@ -58,12 +58,20 @@ def root(
 
 
 def _register():
-    from toolkit.cli import data, pretokenize, recipes, vocab
+    from toolkit.cli import audio, data, eval, pretokenize, recipes, train, vocab
 
     app.add_typer(recipes.app, name="recipes")
+    app.add_typer(audio.app, name="audio")
     app.add_typer(data.app, name="data")
     app.command("vocab")(vocab.vocab)
     app.command("pretokenize")(pretokenize.pretokenize)
+    app.command("train")(train.train)
+    app.add_typer(eval.app, name="eval")
+
+    from toolkit.cli import chat, export
+
+    app.command("export")(export.export)
+    app.command("chat")(chat.chat)
 
 
 _register()

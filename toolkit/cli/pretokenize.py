@@ -11,8 +11,9 @@ from toolkit.errors import UserError
 
 
 def pretokenize(
-    corpus: Path = typer.Argument(..., help="A corpus folder from `lmkit data`, or a folder of llama2.c's "
-                                  "headerless uint16 .bin files to convert."),
+    corpus: Path = typer.Argument(..., help="A corpus folder from `lmkit data`, a folder of llama2.c's "
+                                  "headerless uint16 .bin files to convert, or a folder of .npz code files from "
+                                  "`lmkit audio encode` (with an audio tokenizer)."),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="A tokenizer folder from `lmkit vocab`."),
     out: Path = typer.Option(..., "--out", "-o", help="The shard folder to write."),
     shard_tokens: int = typer.Option(100_000_000, help="Tokens per shard file."),
@@ -34,6 +35,15 @@ def pretokenize(
         return
     if shard_tokens < 1024:
         raise UserError("--shard-tokens: expected at least 1024")
+    if corpus.is_dir() and not (corpus / "manifest.json").exists() and any(corpus.rglob("*.npz")):
+        from toolkit.audio.pretokenize import pretokenize_codes
+
+        result = pretokenize_codes(corpus, tokenizer, out, shard_tokens=shard_tokens, append_eos=append_eos,
+                                   overwrite=force)
+        audio = result.meta["audio"]["seconds"]
+        info(f"{out}: {result.tokens['train']:,} train / {result.tokens['val']:,} val tokens from "
+             f"{audio['train'] + audio['val']:,.0f} s of audio codes")
+        return
     result = shards.pretokenize(corpus, tokenizer, out, shard_tokens=shard_tokens, append_eos=append_eos,
                                 workers=workers, overwrite=force)
     total = sum(result.tokens.values())

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from toolkit import recipe as recipes_lib
-from toolkit.console import console, info
+from toolkit.console import info
 from toolkit.errors import UserError
 
 app = typer.Typer(help="List, show and copy the recipes shipped with lmkit (like `tune ls` / `tune cp`).",
@@ -18,14 +19,16 @@ app = typer.Typer(help="List, show and copy the recipes shipped with lmkit (like
 @app.command("list")
 def list_recipes():
     """List the shipped recipes with their model family and size."""
-    table = Table("name", "family", "model", "tokenizer", "data", "description")
+    table = Table("family", "model", "tokenizer", "data", "description")
+    table.add_column("name", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
     for path in recipes_lib.shipped():
         r = recipes_lib.load(path)
         m = r.model
         shape = "/".join(str(getattr(m, k)) for k in ("dim", "n_layers", "n_heads") if hasattr(m, k))
         tok = r.tokenizer.kind + (f" {r.tokenizer.vocab_size}" if r.tokenizer.kind == "sentencepiece" else "")
         table.add_row(path.stem, m.family, shape, tok, r.data.source, r.description)
-    console.print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("show")

@@ -76,6 +76,8 @@ def lr_factor(step: int, cfg) -> float:
         return (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":  # StepLR: x gamma every step_size steps (warm-up steps count)
+        return max(floor, cfg.gamma ** (step // cfg.step_size))
     if cfg.schedule == "cosine":
         span = total - warmup
         if span <= 0:  # max_iters <= warmup: the whole run is warm-up (llama2.c divides by zero here)

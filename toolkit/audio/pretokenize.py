@@ -1,0 +1,104 @@
+"""A folder of code files -> llm.c shards with the audio tokenizer (what `lmkit pretokenize CODES_DIR` runs).
+
+Train/val split by file: a stable hash of each file's name picks the val files (at least one, and at least one
+file left for train); a single file is split by time instead (its last val_fraction of frames).
+Each file's stream is BOS + tokens (+ EOS with append_eos), as the text path does per document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import UserError
+from toolkit.shards import MAGIC, META, PretokenizeResult, ShardWriter, dtype_for
+
+
+def split_files(paths: list[Path], val_fraction: float) -> dict[str, list[Path]]:
+    """Val = the files whose name hashes lowest: stable when files are added, never an empty split."""
+    if len(paths) < 2:
+        raise ValueError("split_files needs at least two files")
+    n_val = min(len(paths) - 1, max(1, round(len(paths) * val_fraction)))
+    ranked = sorted(paths, key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return {"train": [p for p in paths if p not in val], "val": [p for p in paths if p in val]}
+
+
+def pretokenize_codes(codes_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int = 100_000_000,
+                      append_eos: bool = False, overwrite: bool = False, val_fraction: float = 0.1
+                      ) -> PretokenizeResult:
+    from toolkit import console, tokenizers
+    from toolkit.audio.codes import find_code_files, load_codes
+
+    codes_dir, tokenizer_dir, out_dir = Path(codes_dir), Path(tokenizer_dir), Path(out_dir)
+    tok = tokenizers.load(tokenizer_dir)
+    if tok.kind != "audio":
+        raise UserError(f"{codes_dir} holds audio code files but {tokenizer_dir} is a {tok.kind} tokenizer; make an "
+                        "audio one with `lmkit vocab -o DIR --kind audio`")
+    paths = find_code_files([codes_dir])
+    if (out_dir / META).exists() and not overwrite:
+        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")) + [out_dir / META]:
+        old.unlink(missing_ok=True)
+
+    dtype = dtype_for(tok.vocab_size)
+    prefix_id, suffix_id = tok.bos_id, (tok.eos_id if append_eos else None)
+    writers = {s: ShardWriter(out_dir, s, shard_tokens, dtype) for s in ("train", "val")}
+    stats = {s: {"files": 0, "frames": 0, "seconds": 0.0} for s in ("train", "val")}
+    hashes = []
+    t0 = time.perf_counter()
+
+    def add(split: str, codes: np.ndarray, frame_rate: float) -> None:
+        ids = tok.encode_codes(codes)
+        parts = ([[prefix_id]] if prefix_id is not None else []) + [ids] + ([[suffix_id]] if suffix_id is not None else [])
+        writers[split].add(np.concatenate(parts).astype(dtype))
+        stats[split]["files"] += 1
+        stats[split]["frames"] += codes.shape[1]
+        stats[split]["seconds"] += codes.shape[1] / frame_rate
+
+    with console.progress() as bar:
+        task = bar.add_task("pretokenize codes", total=len(paths))
+        if len(paths) == 1:
+            cf = load_codes(paths[0])
+            cut = int(round(cf.frames * (1 - val_fraction)))
+            if cut < 1 or cut >= cf.frames:
+                raise UserError(f"{paths[0]}: one file of {cf.frames} frames is too short to split into train and val")
+            add("train", cf.codes[:, :cut], cf.frame_rate)
+            add("val", cf.codes[:, cut:], cf.frame_rate)
+            hashes.append(cf.sha256)
+            bar.advance(task)
+        else:
+            splits = split_files(paths, val_fraction)
+            for split in ("train", "val"):
+                for path in splits[split]:
+                    cf = load_codes(path)
+                    add(split, cf.codes, cf.frame_rate)
+                    hashes.append(cf.sha256)
+                    bar.advance(task)
+    shards = {s: [p.name for p in w.close()] for s, w in writers.items()}
+    totals = {s: w.total for s, w in writers.items()}
+    meta = {
+        "format": "llm.c shards",
+        "magic": MAGIC,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "vocab_size": tok.vocab_size,
+        "tokens": totals,
+        "shards": shards,
+        "documents": {s: stats[s]["files"] for s in stats},
+        "chars": {"train": 0, "val": 0},  # no text: bits per byte does not apply
+        "bytes": {"train": 0, "val": 0},
+        "doc_prefix_id": prefix_id,
+        "doc_suffix_id": suffix_id,
+        "corpus": {"path": str(codes_dir), "sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
+                   "source": "audio codes"},
+        "audio": {"layout": tok.layout, "n_codebooks": tok.n_codebooks, "frames": {s: stats[s]["frames"] for s in stats},
+                  "seconds": {s: round(stats[s]["seconds"], 3) for s in stats}},
+    }
+    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return PretokenizeResult(out_dir, totals, time.perf_counter() - t0, meta)

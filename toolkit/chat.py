@@ -1,0 +1,266 @@
+"""Chat with a run folder or a llama2.c model.bin: a prompt_toolkit REPL, or one-shot for scripts and pipes.
+
+A base model (recipe data.chat_template = "") runs in plain completion mode: each input is a prompt it
+continues. A model fine-tuned on conversations chats in the template it was trained with (llama2 or qa).
+The prompt never overflows max_seq_len: the oldest turns are dropped first, then the system prompt, then
+the start of the current turn; the current turn is in the prompt exactly once (the seed had it twice).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from toolkit import generate as G
+from toolkit.console import console, info
+from toolkit.data import chat_template as T
+from toolkit.errors import UserError
+
+HELP = """commands:
+  /reset              forget the conversation
+  /system [TEXT]      set (or, without TEXT, clear) the system prompt; resets the conversation
+  /temperature T      sampling temperature (0 = greedy)
+  /help               this help
+  /quit               leave (also Ctrl-D)
+Enter sends; Alt-Enter (Esc then Enter) starts a new line; Ctrl-C stops a reply or clears the line."""
+
+
+@dataclass
+class Target:
+    model: object
+    tokenizer: object
+    recipe: object
+    name: str
+
+    @property
+    def template(self) -> str:
+        return getattr(self.recipe.data, "chat_template", "") if self.recipe is not None else ""
+
+
+def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu") -> Target:
+    """A run folder or a llama2.c model.bin (with -z tokenizer.bin, or the one beside it)."""
+    from toolkit.train.checkpoint import is_run, load_run
+
+    path = Path(path)
+    if path.is_dir():
+        if not is_run(path):
+            raise UserError(f"{path} is not a run folder (needs model.safetensors and recipe.toml)")
+        if tokenizer is not None:
+            raise UserError("-z/--tokenizer is for a llama2.c .bin; a run folder has its own tokenizer/")
+        run = load_run(path, device)
+        return Target(run.model, run.tokenizer, run.recipe, str(path))
+    if path.is_file():
+        from toolkit.export import open_bin
+
+        opened = open_bin(path, tokenizer, device)
+        return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
+    raise UserError(f"not found: {path} (give a run folder or a llama2.c model.bin)")
+
+
+@dataclass
+class Session:
+    target: Target
+    sampling: G.Sampling = field(default_factory=G.Sampling)
+    max_new_tokens: int = 256
+    system: str = ""
+    template: str = ""  # "" = completion mode
+    history: list[dict] = field(default_factory=list)  # finished user/assistant turns
+
+    def __post_init__(self):
+        self.tok = self.target.tokenizer
+        self.decoder = G.decoder_for(self.target.model)
+        self.max_len = self.target.model.config.max_seq_len
+        self.stops = G.stop_ids_for(self.tok)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def prompt_ids(self, text: str) -> tuple[list[int], list[str]]:
+        """The ids for this input, fitted to the context (room for an answer kept), and notes on what was cut."""
+        reserve = max(1, min(self.max_new_tokens, self.max_len // 2))
+        budget = self.max_len - reserve
+        notes = []
+        bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
+        if not self.template:
+            ids = bos + self.tok.encode(text)
+        else:
+            system = self.system
+            while True:
+                msgs = ([{"role": "system", "content": system}] if system else []) + self.history
+                ids = T.encode_prompt(self.tok, msgs + [{"role": "user", "content": text}], self.template)
+                if len(ids) <= budget:
+                    break
+                if self.history:
+                    del self.history[:2]  # the oldest user/assistant pair
+                    notes.append("dropped the oldest turn to fit the context")
+                elif system:
+                    system = ""
+                    notes.append("left out the system prompt to fit the context")
+                else:
+                    break
+        if len(ids) > budget:
+            keep = budget - len(bos)
+            notes.append(f"kept the last {keep} of {len(ids) - len(bos)} prompt tokens (context {self.max_len})")
+            ids = bos + ids[len(ids) - keep :]
+        return ids, notes
+
+    def reply(self, text: str, write: Callable[[str], None]) -> tuple[str, G.Stats]:
+        """Generate the answer to `text`, passing text pieces to `write` as they come. Ctrl-C (KeyboardInterrupt)
+        stops it; what was said so far is kept."""
+        ids, notes = self.prompt_ids(text)
+        for note in notes:
+            info(f"[dim]({note})[/dim]")
+        stats = G.Stats()
+        stream = G.TextStream(self.tok, ids)
+        stop_text = T.stop_text(self.template) if self.template else None
+        out = StopFilter(stop_text)
+        gen = G.stream(self.decoder, ids, self.max_new_tokens, self.sampling, self.stops, stats)
+        lead = bool(self.template)  # an answer's first token carries the dummy-prefix space: not shown
+        try:
+            for token in gen:
+                piece = stream.push(token)
+                if lead and piece:
+                    piece, lead = piece.lstrip(" "), False
+                piece = out.feed(piece)
+                if piece:
+                    write(piece)
+                if out.stopped:
+                    stats.stop = "stop"
+                    break
+            else:
+                tail = stream.flush()
+                tail = out.feed(tail.lstrip(" ") if lead else tail) + out.flush()
+                if tail:
+                    write(tail)
+        except KeyboardInterrupt:
+            stats.stop = "interrupted"
+        finally:
+            gen.close()
+        answer = out.text
+        if self.template:
+            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer.strip()}]
+        return answer, stats
+
+
+class StopFilter:
+    """Passes text through until `stop` appears (not passed on); holds back a tail that may start it."""
+
+    def __init__(self, stop: str | None):
+        self.stop, self.pending, self.text, self.stopped = stop, "", "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped or not piece:
+            return ""
+        if not self.stop:
+            self.text += piece
+            return piece
+        buf = self.pending + piece
+        cut = buf.find(self.stop)
+        if cut >= 0:
+            self.stopped, self.pending = True, ""
+            self.text += buf[:cut]
+            return buf[:cut]
+        hold = next((k for k in range(min(len(self.stop) - 1, len(buf)), 0, -1) if self.stop.startswith(buf[-k:])), 0)
+        emit, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
+        self.text += emit
+        return emit
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        self.text += out
+        return out
+
+
+def _stdout(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def one_shot(session: Session, text: str, echo: bool = False) -> G.Stats:
+    """Print only the generated text (and a newline) to stdout; stats go to stderr."""
+    if echo:
+        _stdout(text)
+    _, stats = session.reply(text, _stdout)
+    _stdout("\n")
+    info(f"[dim]{_speed(stats)} ({stats.stop})[/dim]")
+    return stats
+
+
+def _speed(stats: G.Stats) -> str:
+    """Tokens/s as run.c reports it (after the first token), plus the prompt's processing time."""
+    return (f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s, "
+            f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms")
+
+
+def history_file() -> Path:
+    root = Path(os.environ.get("LMKIT_CACHE") or Path.home() / ".cache" / "lmkit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / "chat_history"
+
+
+def repl(session: Session) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    kb = KeyBindings()
+
+    @kb.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    prompt = PromptSession(history=FileHistory(str(history_file())), key_bindings=kb, multiline=False)
+    c = session.target.model.config
+    mode = f"chat template {session.template!r}" if session.template else "completion mode (a base model)"
+    console.print(f"[bold]{session.target.name}[/bold]: {session.target.model.num_params():,} parameters, "
+                  f"context {c.max_seq_len}, {mode}. /help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            text = prompt.prompt("you> " if session.template else "prompt> ", multiline=False)
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            break
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            if not command(session, text.strip()):
+                break
+            continue
+        if session.template:
+            _stdout("assistant: ")
+        _, stats = session.reply(text, _stdout)
+        _stdout("\n")
+        note = " (interrupted)" if stats.stop == "interrupted" else ""
+        console.print(f"[dim]{_speed(stats)}{note}[/dim]")
+
+
+def command(session: Session, line: str) -> bool:
+    """Run a /command; False means leave."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/help":
+        console.print(HELP, markup=False)
+    elif name == "/reset":
+        session.reset()
+        console.print("(conversation cleared)")
+    elif name == "/system":
+        session.system = arg
+        session.reset()
+        console.print(f"(system prompt {'set' if arg else 'cleared'}; conversation cleared)")
+        if not session.template:
+            console.print("(a base model in completion mode ignores the system prompt)")
+    elif name == "/temperature":
+        try:
+            session.sampling = replace(session.sampling, temperature=float(arg))
+            console.print(f"(temperature {session.sampling.temperature})")
+        except ValueError:
+            console.print("usage: /temperature T   (a number >= 0; 0 = greedy)")
+    else:
+        console.print(f"unknown command {name}; /help lists them")
+    return True
