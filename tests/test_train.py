@@ -175,3 +175,16 @@ def test_ddp_two_gloo_processes_equal_a_single_process(tiny_recipe, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
     wa, wb = load_file(single / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_bf16_autocast_tracks_the_fp32_loss_curve(tiny_recipe, tmp_path):
+    from toolkit.train.device import cpu_bf16_supported
+
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16")
+    train(recipe_lib.load(tiny_recipe, ["train.dtype=float32"]), tmp_path / "fp32")
+    train(recipe_lib.load(tiny_recipe, ["train.dtype=bfloat16"]), tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
+    a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
+    assert a != b  # autocast really ran in bf16
+    assert b == pytest.approx(a, rel=0.02)  # fp32 master weights: the curves agree

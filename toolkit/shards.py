@@ -111,6 +111,17 @@ class ShardWriter:
         return self.paths
 
 
+def shard_meta(tok, dtype, tokens: dict, shards: dict, **extra) -> dict:
+    """meta.json beside the shards: what the trainer checks (tokenizer fingerprint) and reports."""
+    return {"format": "llm.c shards", "magic": MAGIC, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+            "tokens": tokens, "shards": shards, **extra}
+
+
+def write_meta(out_dir: Path, meta: dict) -> None:
+    (Path(out_dir) / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 # --- pretokenize: documents -> shards, in worker processes --------------------------------------
 
 _worker_tok = None
@@ -230,22 +241,11 @@ def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_toke
             pool.shutdown()
     if totals["val"] == 0 or totals["train"] == 0:
         raise UserError("pretokenize produced an empty split; the corpus is too small")
-    meta = {
-        "format": "llm.c shards",
-        "magic": MAGIC,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
-        "vocab_size": tok.vocab_size,
-        "tokens": totals,
-        "shards": shards,
-        "documents": manifest["documents"],
-        "chars": manifest["chars"],
-        "bytes": manifest.get("bytes") or _split_bytes(corpus_dir),
-        "doc_prefix_id": prefix_id,
-        "doc_suffix_id": suffix_id,
-        "corpus": {"path": str(corpus_dir), "sha256": manifest["sha256"], "source": manifest["source"]},
-    }
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = shard_meta(tok, dtype, totals, shards, documents=manifest["documents"], chars=manifest["chars"],
+                      bytes=manifest.get("bytes") or _split_bytes(corpus_dir), doc_prefix_id=prefix_id,
+                      doc_suffix_id=suffix_id,
+                      corpus={"path": str(corpus_dir), "sha256": manifest["sha256"], "source": manifest["source"]})
+    write_meta(out_dir, meta)
     return PretokenizeResult(out_dir, totals, time.perf_counter() - t0, meta)
 
 
@@ -284,7 +284,7 @@ def convert_llama2c(bin_dir: Path, out_dir: Path, vocab_size: int, tokenizer_met
             write_shard(path, np.asarray(part, dtype=np.uint16))
             meta["shards"][split].append(path.name)
             meta["tokens"][split] += len(part)
-    (Path(out_dir) / META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(out_dir, meta)
     return meta
 
 
@@ -312,10 +312,8 @@ def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir:
         splits["train"] = convs[:-1] or convs
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for(tok.vocab_size)
-    meta = {"format": "llm.c shards", "magic": MAGIC, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
-            "loss_mask": True, "chat_template": template, "tokens": {}, "shards": {}, "documents": {},
-            "target_tokens": {}, "source": str(conversations)}
+    meta = shard_meta(tok, dtype, {}, {}, loss_mask=True, chat_template=template, documents={}, target_tokens={},
+                      source=str(conversations))
     for split, items in splits.items():
         ids, mask = [], []
         for conv in items:
@@ -337,7 +335,7 @@ def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir:
         meta["tokens"][split] = writer.total
         meta["documents"][split] = len(items)
         meta["target_tokens"][split] = int(np.array(mask).sum())
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(out_dir, meta)
     return meta
 
 

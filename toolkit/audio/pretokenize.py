@@ -8,14 +8,13 @@ Each file's stream is BOS + tokens (+ EOS with append_eos), as the text path doe
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.shards import MAGIC, META, PretokenizeResult, ShardWriter, dtype_for
+from toolkit.shards import META, PretokenizeResult, ShardWriter, dtype_for, shard_meta, write_meta
 
 
 def split_files(paths: list[Path], val_fraction: float) -> dict[str, list[Path]]:
@@ -82,23 +81,17 @@ def pretokenize_codes(codes_dir: Path, tokenizer_dir: Path, out_dir: Path, shard
                     bar.advance(task)
     shards = {s: [p.name for p in w.close()] for s, w in writers.items()}
     totals = {s: w.total for s, w in writers.items()}
-    meta = {
-        "format": "llm.c shards",
-        "magic": MAGIC,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
-        "vocab_size": tok.vocab_size,
-        "tokens": totals,
-        "shards": shards,
-        "documents": {s: stats[s]["files"] for s in stats},
-        "chars": {"train": 0, "val": 0},  # no text: bits per byte does not apply
-        "bytes": {"train": 0, "val": 0},
-        "doc_prefix_id": prefix_id,
-        "doc_suffix_id": suffix_id,
-        "corpus": {"path": str(codes_dir), "sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
-                   "source": "audio codes"},
-        "audio": {"layout": tok.layout, "n_codebooks": tok.n_codebooks, "frames": {s: stats[s]["frames"] for s in stats},
-                  "seconds": {s: round(stats[s]["seconds"], 3) for s in stats}},
-    }
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = shard_meta(
+        tok, dtype, totals, shards,
+        documents={s: stats[s]["files"] for s in stats},
+        chars={"train": 0, "val": 0},  # no text: bits per byte does not apply
+        bytes={"train": 0, "val": 0},
+        doc_prefix_id=prefix_id,
+        doc_suffix_id=suffix_id,
+        corpus={"path": str(codes_dir), "sha256": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
+                "source": "audio codes"},
+        audio={"layout": tok.layout, "n_codebooks": tok.n_codebooks, "frames": {s: stats[s]["frames"] for s in stats},
+               "seconds": {s: round(stats[s]["seconds"], 3) for s in stats}},
+    )
+    write_meta(out_dir, meta)
     return PretokenizeResult(out_dir, totals, time.perf_counter() - t0, meta)

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from toolkit.data.sources import folder_files, read_text
+from toolkit.data.sources import folder_files, read_jsonl, read_text
 from toolkit.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -44,15 +44,8 @@ def read_conversations(path: Path) -> Iterator[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"conversations file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            yield validate(row, f"{path}:{n}")
+    for n, row in read_jsonl(path):
+        yield validate(row, f"{path}:{n}")
 
 
 def markdown_chunks(text: str, min_chars: int = 50) -> list[tuple[str, str]]:

@@ -67,25 +67,30 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed row) for each non-blank line; a bad line is a clear error naming it."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(row, str):
-                text = row
-            elif isinstance(row, dict) and text_field in row:
-                text = row[text_field]
-            else:
-                raise UserError(f"{path}:{n}: no {text_field!r} field (set the text field with --text-field)")
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{n}: field {text_field!r} is not a string")
-            if text.strip():
-                yield text
+
+
+def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for n, row in read_jsonl(path):
+        if isinstance(row, str):
+            text = row
+        elif isinstance(row, dict) and text_field in row:
+            text = row[text_field]
+        else:
+            raise UserError(f"{path}:{n}: no {text_field!r} field (set the text field with --text-field)")
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{n}: field {text_field!r} is not a string")
+        if text.strip():
+            yield text
 
 
 def file_documents(path: Path, cfg, in_folder: bool) -> Iterator[str]:
