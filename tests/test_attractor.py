@@ -1,0 +1,432 @@
+"""The attractor family (BoggersTheLLM): relaxation, loss terms, switches, generation, training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toolkit import recipe as recipe_lib
+from toolkit.errors import UserError
+from toolkit.models import attractor
+from toolkit.models.attractor import Config, Model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids OpenMP spinning on a shared CPU (3x slower when loaded)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(vocab_size=50, window=4, dim=8, n_waves=2, steps=3, max_seq_len=8, train_positions=0)
+
+
+def tiny(**kw) -> Model:
+    torch.manual_seed(0)
+    return Model(Config(**{**TINY, **kw}))
+
+
+# ---- a hand-written reference of one outer step -------------------------------------------------------------
+
+
+def reference_step(m: Model, S0: torch.Tensor, rows: int) -> torch.Tensor:
+    """One outer step written out from seeds.md 1.2, position by position and head by head."""
+    c = m.config
+    W, H, d = c.window, c.n_waves, c.wave_dim
+    sp = F.softplus
+    gamma, scale, cdt, a = sp(m.coupling_gamma), sp(m.coupling_scale), sp(m.coupling_dt), m.coupling_asym
+    S = S0.clone()
+    coupled = S.clone()
+    for i in range(W):
+        for j in range(W):
+            if j != i:
+                w = math.exp(-gamma.item() * abs(i - j)) * max(0.2, 1 + 1.25 * math.tanh(a.item()) * (1 if j > i else -1))
+                coupled[:, i] += cdt.item() * scale.item() * w * (S[:, j] - S[:, i])
+    x = coupled.detach().requires_grad_()
+    per_row = []
+    for n in range(x.shape[0]):
+        e = 0
+        for w_ in range(W):
+            for h in range(H):
+                u = x[n, w_, h * d : (h + 1) * d]
+                e = e + m.energy_w2[h] @ torch.tanh(m.energy_w1[h] @ u + m.energy_b1[h]) + m.energy_b2[h]
+        per_row.append(e / W)
+    E = torch.stack(per_row).sum() / rows  # the mean over the batch rows
+    (g,) = torch.autograd.grad(E, x)
+    S = (x - c.dt * g).detach()
+    for n in range(S.shape[0]):
+        for w_ in range(W):
+            for h in range(H):
+                v = S[n, w_, h * d : (h + 1) * d]
+                S[n, w_, h * d : (h + 1) * d] = v / v.norm()
+    T = []
+    for n in range(S.shape[0]):
+        sq = sum(((S[n, i + 1] - S[n, i]) ** 2).mean() for i in range(W - 1)) / (W - 1)
+        cos = sum(F.cosine_similarity(S[n, i + 1], S[n, i], dim=0) for i in range(W - 1)) / (W - 1)
+        T.append(sq + 0.35 * (1 - cos))
+    if max(T) > 0.18:  # the high-tension break: every position moves along its own change this step
+        alpha = 0.1 * min(max((0.12 - sum(T).item() / len(T)) / 0.12, 0.1), 2.0)
+        for n in range(S.shape[0]):
+            for w_ in range(W):
+                delta = S[n, w_] - S0[n, w_]
+                S[n, w_] = S[n, w_] + alpha * delta / delta.norm()
+                for h in range(H):
+                    v = S[n, w_, h * d : (h + 1) * d]
+                    S[n, w_, h * d : (h + 1) * d] = v / v.norm()
+    return S
+
+
+def test_one_relaxation_step_equals_the_hand_written_reference():
+    m = tiny(steps=1, dt=5.0, loss="ce")  # a large dt so that the energy step is visible
+    with torch.no_grad():
+        m.coupling_asym.fill_(0.3)
+    S0 = m.embed(torch.randint(0, 50, (3, 4)))
+    ref = reference_step(m, S0, rows=3)
+    with torch.no_grad():
+        out, _, T = m.relax(S0, rows=3, keep_states=False)
+    assert T.max() > attractor.HIGH_TENSION  # the break fired (as on every step of the seed's runs)
+    assert not torch.allclose(ref, F.normalize(S0.unflatten(-1, (2, -1)), dim=-1).flatten(-2), atol=1e-3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vectorized_path_equals_the_autograd_reference_with_gradients():
+    x = torch.randint(0, 50, (3, 8))
+    y = torch.randint(0, 50, (3, 8))
+    out = {}
+    for vec in (True, False):
+        m = tiny(vectorized=vec, steps=4, dt=2.0)
+        m.train()
+        torch.manual_seed(1)
+        logits, loss = m(x, y)
+        loss.backward()
+        out[vec] = (logits.detach(), loss.item(), m.energy_w1.grad.clone(), m.embedder.weight.grad.clone())
+    (la, a, ga, ea), (lb, b, gb, eb) = out[True], out[False]
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    assert a == pytest.approx(b, rel=1e-5)
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)  # second-order grads of the energy heads agree
+    torch.testing.assert_close(ea, eb, atol=1e-6, rtol=1e-4)
+    assert ga.abs().sum() > 0
+
+
+def test_per_wave_norms_hold_after_every_step_and_breaks_fire():
+    m = tiny(steps=6)
+    S0 = m.embed(torch.randint(0, 50, (5, 4)))
+    with torch.no_grad():
+        _, states, T = m.relax(S0, rows=5, keep_states=True)
+    assert len(states) == 6
+    for S in states:
+        norms = S.unflatten(-1, (2, -1)).norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    # without breaks the state moves less; with them (tension is high here) every step escapes
+    m2 = tiny(steps=6, breaks=False)
+    with torch.no_grad():
+        S_nb, _, _ = m2.relax(S0, rows=5, keep_states=False)
+    assert T.max() > attractor.HIGH_TENSION and not torch.allclose(S_nb, states[-1])
+
+
+def test_tension_and_break_formulas():
+    S = F.normalize(torch.randn(2, 4, 6), dim=-1)
+    T = attractor.tension(S)
+    a, b = S[:, 1:], S[:, :-1]
+    expect = ((a - b) ** 2).mean((1, 2)) + 0.35 * (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean(1)
+    torch.testing.assert_close(T, expect)
+    # a high-tension break moves each position by alpha along its own change, then renormalises per wave
+    m = tiny()
+    start = F.normalize(torch.randn(2, 4, 8), dim=-1)
+    S = F.normalize(start + 0.5 * torch.randn(2, 4, 8), dim=-1)
+    Tv = torch.tensor([0.3, 0.05])
+    out, _ = m._break(S.transpose(0, 1), start.transpose(0, 1), Tv, torch.zeros(1), rows=2)
+    out = out.transpose(0, 1)
+    alpha = 0.1 * min(max((0.12 - Tv.mean().item()) / 0.12, 0.1), 2.0)
+    delta = S - start
+    moved = S + alpha * delta / delta.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out, attractor.wave_normalize(moved, 2))
+    same, _ = m._break(S.transpose(0, 1), start.transpose(0, 1), torch.tensor([0.1, 0.1]), torch.zeros(1), rows=2)
+    torch.testing.assert_close(same.transpose(0, 1), S)  # no rule fires
+
+
+def test_low_tension_break_needs_four_steps_in_a_row():
+    m = tiny()
+    S = F.normalize(torch.randn(1, 4, 8), dim=-1)
+    start = F.normalize(torch.randn(1, 4, 8), dim=-1)
+    count = torch.zeros(1)
+    for k in range(4):
+        out, count = m._break(S, start, torch.tensor([0.01]), count, rows=1)
+        assert torch.equal(out, S) == (k < 3)
+    assert count.item() == 0  # reset after firing
+
+
+def test_coupling_matrix_is_the_seed_laplacian():
+    g, s, dt, a = torch.tensor(0.52), torch.tensor(0.07), torch.tensor(0.09), torch.tensor(0.4)
+    M = attractor.coupling_matrix(g, s, dt, a, 5)
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                w = math.exp(-0.52 * abs(i - j)) * max(0.2, 1 + 1.25 * math.tanh(0.4) * (1 if j > i else -1))
+                assert M[i, j].item() == pytest.approx(0.09 * 0.07 * w, rel=1e-5)
+    torch.testing.assert_close(M.sum(1), torch.ones(5))  # a Laplacian step keeps constants
+
+
+# ---- loss terms --------------------------------------------------------------------------------------------
+
+
+def test_trajectory_loss_terms_equal_their_formulas():
+    m = tiny(steps=4)
+    m.train()
+    N, W, D, V = 6, 4, 8, 50
+    torch.manual_seed(3)
+    states = [F.normalize(torch.randn(N, W, D), dim=-1) for _ in range(4)]
+    S, T_final = states[-1], torch.rand(N) * 0.3
+    logits = torch.randn(N, V)
+    logits[:2] *= 30  # two sharp windows: below the entropy floor, they get the extra noise
+    ctx = torch.randint(0, V, (N, W))
+    ctx[0, -2:] = ctx[0, -1]  # a repeated token: its penalties add up
+    y = torch.randint(0, V, (N,))
+    torch.manual_seed(7)
+    terms = m.trajectory_loss(states, S, T_final, logits, ctx, y, rows=N)
+
+    torch.manual_seed(7)
+    perm = torch.rand(3 * N).argsort()
+    noise1 = torch.randn(N, V)
+    noise2 = torch.randn(N, V)  # drawn only when some window is below the entropy floor (true here: asserted)
+    flat = F.normalize(torch.stack(states).flatten(2), dim=-1)
+    pred, teach = flat[:-1].flatten(0, 1), flat[1:].flatten(0, 1)
+    core = F.relu(0.2 - (pred * teach).sum(-1) + (pred * teach[perm]).sum(-1)).mean()
+    assert terms["traj_contrast"].item() == pytest.approx(core.item(), rel=1e-5)
+    t = T_final.mean()
+    assert terms["floor"].item() == pytest.approx((2.0 * (1 + 0.5 * (1 - torch.sigmoid(8 * (t - 0.12))))).item())
+    assert terms["repulsion"].item() == 0.0  # empty memory
+    e = m.energy_rows(S)
+    assert terms["energy_reg"].item() == pytest.approx(0.001 * (e**2).mean().item(), rel=1e-5)
+    E = m.embedder.weight
+    bias = 0.025 * E[ctx[:, -1]] @ E.t()
+    for n in range(N):
+        bias[n, ctx[n, -1]] -= 2.0
+        for tok in ctx[n, -3:]:
+            bias[n, tok] -= 1.0
+    assert torch.allclose(attractor.shaping_bias(ctx, E, V), bias, atol=1e-6)
+    shaped = logits + bias + 0.005 * noise1
+    ent = -(shaped.softmax(-1) * shaped.log_softmax(-1)).sum(-1)
+    assert (ent < 1.0 * (1 + t)).tolist() == [True, True, False, False, False, False]
+    shaped = shaped + (ent < 1.0 * (1 + t))[:, None] * 0.12 * noise2
+    ent = -(shaped.softmax(-1) * shaped.log_softmax(-1)).sum(-1)
+    tok = F.cross_entropy(shaped, y, label_smoothing=0.06) - 0.03 * ent.mean()
+    assert terms["token_aux_ce"].item() == pytest.approx(tok.item(), rel=1e-5)
+    last = m.readout(S[:, -1]) / F.softplus(m.temperature_raw)
+    ro = F.cross_entropy(last, y, label_smoothing=0.06)
+    assert terms["readout_aux_ce"].item() == pytest.approx(ro.item(), rel=1e-5)
+    total = core + terms["floor"] + 0 + terms["energy_reg"] + 0.2 * tok + 0.15 * ro
+    assert terms["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    assert 0.1 * F.softplus(m.temperature_raw).item() == pytest.approx(0.012)
+
+
+def test_repulsion_sign_as_the_seed_and_switched():
+    out = {}
+    for sign in (-1.0, 1.0):
+        m = tiny(repulsion_sign=sign)
+        m.train()
+        S1 = F.normalize(torch.randn(4, 4, 8), dim=-1)
+        S2 = S1 + 0.1 * torch.randn(4, 4, 8)
+        m.repulsion(S1)  # fills the memory with batch 1's mean
+        cos = F.cosine_similarity(S1.mean(0).flatten(), S2.mean(0).flatten(), dim=0)
+        rep = m.repulsion(S2)
+        assert rep.item() == pytest.approx(cos.item(), rel=1e-5)
+        out[sign] = sign * 0.08 * rep.item()
+    assert out[-1.0] < 0 < out[1.0]  # the seed subtracts the similarity: minimising it attracts
+    assert m.memory_count.item() == 2
+
+
+def test_ce_loss_is_plain_token_ce():
+    m = tiny(loss="ce")
+    m.train()
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    y[0, 3] = -1
+    logits, loss = m(x, y)
+    assert logits.shape == (2, 8, 50)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, 50), y.reshape(-1), ignore_index=-1).item())
+
+
+# ---- switches ----------------------------------------------------------------------------------------------
+
+
+def grads_after_step(**kw) -> Model:
+    m = tiny(**kw)
+    m.train()
+    _, loss = m(torch.randint(0, 50, (3, 8)), torch.randint(0, 50, (3, 8)))
+    loss.backward()
+    return m
+
+
+def test_backprop_through_relaxation_gives_the_coupling_gradients():
+    seed = grads_after_step()
+    for p in (seed.coupling_gamma, seed.coupling_scale, seed.coupling_dt, seed.coupling_asym):
+        assert p.grad is None  # frozen at init, as in the seed
+    assert seed.energy_w1.grad is not None and seed.readout_window.weight.grad is not None
+    full = grads_after_step(backprop_through_relaxation=True)
+    for p in (full.coupling_gamma, full.coupling_scale, full.coupling_dt):
+        assert p.grad is not None and p.grad.abs() > 0
+
+
+def test_per_sample_energy_makes_the_step_independent_of_the_batch():
+    for per_sample, same in ((False, False), (True, True)):
+        m = tiny(per_sample_energy=per_sample, breaks=False, dt=3.0)
+        S0 = m.embed(torch.randint(0, 50, (4, 4)))
+        with torch.no_grad():
+            alone, _, _ = m.relax(S0[:1], rows=1, keep_states=False)
+            batch, _, _ = m.relax(S0, rows=4, keep_states=False)
+        assert torch.allclose(alone[0], batch[0], atol=1e-6) == same
+
+
+def test_energy_rows_pins_the_batch_mean():
+    m = tiny(energy_rows=4, breaks=False, dt=3.0)
+    S0 = m.embed(torch.randint(0, 50, (4, 4)))
+    with torch.no_grad():
+        alone, _, _ = m.relax(S0[:1], rows=1, keep_states=False)  # generation: one row
+        batch, _, _ = m.relax(S0, rows=4, keep_states=False)  # training: four rows
+    torch.testing.assert_close(alone[0], batch[0])
+
+
+def test_config_validation_is_one_clear_line(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[model]\nfamily = "attractor"\ndim = 10\nn_waves = 4\n')
+    with pytest.raises(UserError, match=r"\[model\].n_waves: expected a divisor of dim=10"):
+        recipe_lib.load(p)
+    with pytest.raises(UserError, match="repulsion_sign"):
+        recipe_lib.load("attractor_a1", ["model.repulsion_sign=2"])
+    r = recipe_lib.load("attractor_a1")
+    assert r.tokenizer.cap_policy == "fold" and r.tokenizer.vocab_cap == 8192
+    assert r.model.window == 8 and r.model.dim == 128 and r.model.n_waves == 4 and r.model.steps == 32
+    assert recipe_lib.load("attractor_a1c").model.token_aux_ce == 0.5
+
+
+def test_step_schedule_is_steplr():
+    from toolkit.recipe import TrainConfig
+    from toolkit.train.optim import lr_factor
+
+    cfg = TrainConfig(lr=1.0, schedule="step", step_size=5, gamma=0.8, warmup_iters=0, max_iters=20)
+    assert [round(lr_factor(s, cfg), 6) for s in (0, 4, 5, 9, 10, 19)] == [1.0, 1.0, 0.8, 0.8, 0.64, 0.512]
+    with pytest.raises(UserError, match="step_size"):
+        recipe_lib.load("attractor_a1", ["train.step_size=0"])
+
+
+# ---- token stream, generation, metrics ----------------------------------------------------------------------
+
+
+def test_every_position_is_scored_with_its_own_window():
+    m = tiny()
+    m.eval()
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        logits, _ = m(x)
+        assert logits.shape == (2, 8, 50)
+        for t in (0, 2, 5, 7):
+            ctx = x[:, max(0, t - 3) : t + 1]
+            ctx = torch.cat([x[:, :1].expand(-1, 4 - ctx.shape[1]), ctx], 1)  # left-padded with the first id
+            alone, _ = m(ctx)
+            # rows=2 in both calls: the same energy scale, and breaks are decided per position
+            torch.testing.assert_close(alone[:, -1], logits[:, t], atol=1e-5, rtol=1e-5)
+    m.train()
+    logits, loss = Model(Config(**{**TINY, "train_positions": 1}))(x, x)
+    assert logits.shape == (2, 1, 50) and loss.isfinite()
+
+
+def test_generation_respects_the_window():
+    from toolkit import generate as gen
+
+    m = tiny()
+    dec = gen.decoder_for(m)
+    tail = [5, 6, 7, 8]
+    a = dec.logits([1, 2, 3] + tail)
+    b = dec.logits([9, 9, 9, 9, 9, 9] + tail)
+    torch.testing.assert_close(a, b)  # only the last W = 4 tokens matter
+    assert not torch.allclose(a, dec.logits([1, 2, 3, 4, 6, 7, 8]))
+    out = gen.generate(m, [1, 2], max_new_tokens=12, sampling=gen.Sampling(temperature=1.02, top_k=28, seed=0))
+    assert len(out) == 12 and all(0 <= i < 50 for i in out)
+    pen = m.penalize(torch.zeros(50), [3, 4, 5, 6, 7])
+    assert pen[3] == 0 and pen[4] == -1.35 and pen[7] == pytest.approx(-6.35)
+
+
+def test_eval_extras_report_the_seed_val_ce():
+    m = tiny()
+    m.eval()
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        logits, _ = m(x)
+        extras = m.eval_extras(logits, y)
+    ctx = m.windows(x).reshape(-1, 4)
+    shaped = logits.reshape(-1, 50) + attractor.shaping_bias(ctx, m.embedder.weight, 50)
+    expect = F.cross_entropy(shaped, y.reshape(-1), label_smoothing=0.06, reduction="sum").item()
+    assert extras["seed_val_ce"] == pytest.approx(expect, rel=1e-5)
+
+
+ATTRACTOR_RECIPE = """
+name = "tiny-attractor"
+[model]
+family = "attractor"
+window = 4
+dim = 16
+n_waves = 2
+steps = 3
+max_seq_len = 16
+train_positions = 0
+[tokenizer]
+kind = "bytes"
+n_sentinels = 0
+[data]
+source = "synthetic"
+synthetic_stories = 100
+[train]
+device = "cpu"
+dtype = "float32"
+batch_size = 8
+max_iters = 16
+optimizer = "adam"
+lr = 3e-3
+schedule = "step"
+step_size = 10
+gamma = 0.8
+warmup_iters = 0
+eval_interval = 8
+eval_iters = 2
+log_interval = 4
+"""
+
+
+def test_train_end_to_end_reports_clean_and_seed_val_ce(tmp_path):
+    from toolkit.train.loop import train
+
+    p = tmp_path / "a.toml"
+    p.write_text(ATTRACTOR_RECIPE)
+    summary = train(recipe_lib.load(p), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert all("seed_val_ce" in r and math.isfinite(r["seed_val_ce"]) for r in evals)
+    assert evals[-1]["val_loss"] < math.log(259)  # below uniform over the byte vocabulary
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] and summary["step"] == 16
+
+
+def test_resume_continues_exactly(tmp_path):
+    """The repulsion memory is saved with the weights, so a resumed run repeats the uninterrupted one."""
+    from toolkit.train.loop import train
+
+    p = tmp_path / "a.toml"
+    p.write_text(ATTRACTOR_RECIPE.replace("max_iters = 16", "max_iters = 10").replace("train_positions = 0",
+                                                                                      "train_positions = 2"))
+    r = recipe_lib.load(p)
+    train(r, tmp_path / "straight")
+    assert train(r, tmp_path / "split", stop_after=4)["stopped_early"]
+    train(recipe_lib.load(tmp_path / "split" / "recipe.toml"), tmp_path / "split", resume=True)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")

@@ -1,0 +1,434 @@
+"""The attractor family (BoggersTheLLM): an attention-free window model relaxed by energy descent.
+
+A window of the last W tokens is embedded (embedding, LayerNorm without affine, L2-normalised rows),
+relaxed for `steps` outer steps (positional coupling, S <- S - dt * grad E with per-wave energy MLPs,
+per-wave normalisation, tension-triggered directional breaks) and read out by one Linear over the
+flattened window, divided by a learned temperature. See docs/attractor.md and seeds.md section 1.
+
+Token stream mapping: `forward(idx (B, T))` scores every position t with the window of tokens t-W+1..t
+(left-padded with the row's first token where t < W-1). In training with `train_positions = P > 0`
+only the last P positions of each row are scored and the returned logits are (B, P, V); evaluation and
+generation always get (B, T, V). The seed trains one full window per row: `train_positions = 1`.
+The seed's batch-wide rules (the energy mean, the break decisions) act on the B windows at one position,
+so a position's logits depend only on its own window (and generation at B = 1 is the seed's).
+
+Faithful by default (the seed as its code runs, seeds.md 1.2):
+- each energy step starts from a detached copy of the coupled state, so gradient crosses outer steps
+  only through the break term (`backprop_through_relaxation = true` keeps the whole graph);
+- the energy is a mean over the batch rows and the W positions, so the step per position is
+  dt / (B * W) and depends on the batch (`per_sample_energy = true`: dt / W);
+- the "repulsion" term is subtracted, which attracts (`repulsion_sign = 1` makes it repel).
+grad E is computed in closed form (no autograd.grad, no graph rebuilt per step); `vectorized = false`
+runs the seed's way (autograd.grad with create_graph, a loop over waves and positions) as a reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from toolkit.recipe import check, check_choice
+
+# the seed's constants (seeds.md 1.2)
+NORM_CLAMP = (1e-3, 12.0)  # per-wave norm clamp after an energy step
+TENSION_COS_WEIGHT = 0.35
+LOW_TENSION, LOW_TENSION_STEPS, HIGH_TENSION = 0.08, 4, 0.18
+BREAK_ALPHA, BREAK_REF = 0.1, 0.12
+CORE_MARGIN = 0.2
+FLOOR_WEIGHT, FLOOR_SHARPNESS, FLOOR_REF = 2.0, 8.0, 0.12
+REPULSION_WEIGHT, REPULSION_MEMORY = 0.08, 8
+ENERGY_REG = 0.001
+LABEL_SMOOTHING, ENTROPY_WEIGHT, BIGRAM_WEIGHT = 0.06, 0.03, 0.025
+PREV_PENALTY, RECENT_PENALTY, RECENT_TOKENS = 2.0, 1.0, 3
+SHAPING_NOISE, LOW_ENTROPY_NOISE = 0.005, 0.12
+
+
+def inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+@dataclass(frozen=True)
+class Config:
+    family: ClassVar[str] = "attractor"
+    vocab_size: int = 0  # 0 = the tokenizer's
+    window: int = 8  # W: tokens per window
+    dim: int = 128  # D: state_dim
+    n_waves: int = 4  # H: each wave is a contiguous D/H slice
+    steps: int = 32  # outer relaxation steps (max_window_steps)
+    dt: float = 0.09  # energy step size
+    max_seq_len: int = 64  # rows the trainer draws / evaluate scores / generate passes (>= window)
+    train_positions: int = 1  # positions scored per training row, from the end; 0 = all (the seed: 1)
+    loss: str = "trajectory"  # trajectory (the seed's objective) | ce (plain token CE)
+    token_aux_ce: float = 0.2  # weight of the shaped, smoothed token CE in the trajectory loss
+    readout_aux: float = 0.15  # weight of the single-state readout CE
+    entropy_floor: float = 1.0  # nats, times (1 + mean tension): below it the shaped logits get extra noise
+    per_sample_energy: bool = False  # True: grad E per window (dt / W), independent of the batch
+    energy_rows: int = 0  # rows the batch-mean energy divides by; 0 = the call's rows (the seed: B=1 generation
+    #                       relaxes 64x harder than B=64 training); 64 = relax alike in training, eval, generation
+    backprop_through_relaxation: bool = False  # True: no detach between steps (coupling scalars train)
+    repulsion_sign: float = -1.0  # -1 = the seed (subtracted: attraction); +1 = a real repulsion
+    normalize_states: bool = True  # per-wave L2 normalisation after each step
+    breaks: bool = True  # low/high-tension directional breaks
+    vectorized: bool = True  # False: the seed's autograd.grad + per-wave/per-position loops (slow reference)
+    compile_relaxation: bool = False  # torch.compile the outer step alone (one graph reused by every step)
+    # sampling defaults of the seed's generate (for chat/generate; see docs/attractor.md)
+    sample_top_k: int = 28
+    sample_temperature: float = 1.02
+    repeat_penalty: float = 1.35  # subtracted from the logits of the last 4 generated ids
+    repeat_last_n: int = 4
+    last_token_penalty: float = 5.0  # subtracted again from the very last id
+
+    def __post_init__(self):
+        check(self.vocab_size >= 0, "vocab_size", "0 (the tokenizer's) or a positive size")
+        check(self.window >= 2, "window", f"at least 2 tokens, got {self.window}")
+        check(self.dim > 0 and self.n_waves > 0, "dim", "positive dim and n_waves")
+        check(self.dim % self.n_waves == 0, "n_waves", f"a divisor of dim={self.dim}, got {self.n_waves}")
+        check(self.steps >= 1, "steps", "at least 1 relaxation step")
+        check(self.dt >= 0, "dt", "a step size >= 0")
+        check(self.energy_rows >= 0, "energy_rows", "0 (the call's batch rows) or a positive row count")
+        check(self.max_seq_len >= self.window, "max_seq_len", f"at least window={self.window}")
+        check(0 <= self.train_positions <= self.max_seq_len, "train_positions", "between 0 (all) and max_seq_len")
+        check_choice(self.loss, "loss", ("trajectory", "ce"))
+        check(self.loss == "ce" or self.steps >= 2, "steps", "at least 2 for the trajectory loss")
+        check(self.repulsion_sign in (-1.0, 0.0, 1.0), "repulsion_sign", "-1 (the seed), 0 (off) or 1")
+        check(self.sample_top_k >= 0 and self.sample_temperature >= 0, "sample_top_k", "values >= 0")
+
+    @property
+    def wave_dim(self) -> int:
+        return self.dim // self.n_waves
+
+
+def coupling_matrix(gamma, scale, dt, asym, W: int) -> torch.Tensor:
+    """M with S <- M S applying S_i += dt*scale*sum_{j != i} w_ij (S_j - S_i) to all i at once;
+    w_ij = exp(-gamma |i-j|) * max(0.2, 1 + 1.25 tanh(a) sign(j-i))."""
+    pos = torch.arange(W, device=gamma.device)
+    offset = (pos[None, :] - pos[:, None]).to(gamma.dtype)  # j - i
+    w = torch.exp(-gamma * offset.abs()) * torch.clamp(1 + 1.25 * torch.tanh(asym) * torch.sign(offset), min=0.2)
+    w = w * (1 - torch.eye(W, device=w.device, dtype=w.dtype))
+    return torch.eye(W, device=w.device, dtype=w.dtype) + dt * scale * (w - torch.diag(w.sum(1)))
+
+
+def wave_normalize(S: torch.Tensor, H: int) -> torch.Tensor:
+    """L2-normalise each (row, position, wave) slice: each position's norm becomes sqrt(H)."""
+    return F.normalize(S.unflatten(-1, (H, -1)), dim=-1).flatten(-2)
+
+
+def wave_clamp(S: torch.Tensor, H: int) -> torch.Tensor:
+    x = S.unflatten(-1, (H, -1))
+    n = x.norm(dim=-1, keepdim=True)
+    return (x * (n.clamp(*NORM_CLAMP) / n.clamp_min(1e-12))).flatten(-2)
+
+
+def tension(S: torch.Tensor) -> torch.Tensor:
+    """Per window: mean squared step between neighbours + 0.35 * mean (1 - cos) of neighbours (N,)."""
+    a, b = S[:, 1:], S[:, :-1]
+    sq = (a - b).pow(2).mean(dim=(1, 2))
+    cos = F.cosine_similarity(a, b, dim=-1)
+    return sq + TENSION_COS_WEIGHT * (1 - cos).mean(dim=1)
+
+
+def shaping_bias(context: torch.Tensor, emb: torch.Tensor, V: int) -> torch.Tensor:
+    """The seed's logit shaping from the window's tokens (N, W): bigram bias 0.025 * E[prev] E^T, -2 on the
+    previous token, -1 on each of the last 3 context tokens (repeats add up). Returns (N, V)."""
+    prev = context[:, -1]
+    bias = BIGRAM_WEIGHT * (emb[prev] @ emb.t())
+    pen = torch.zeros_like(bias)
+    pen.scatter_add_(1, prev[:, None], torch.full_like(prev[:, None], PREV_PENALTY, dtype=bias.dtype))
+    recent = context[:, -RECENT_TOKENS:]
+    pen.scatter_add_(1, recent, torch.full_like(recent, RECENT_PENALTY, dtype=bias.dtype))
+    return bias - pen
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def smoothed_ce(logits, targets, reduction="mean"):
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1, label_smoothing=LABEL_SMOOTHING,
+                           reduction=reduction)
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        assert config.vocab_size > 0, "vocab_size must be resolved before building"
+        self.config = c = config
+        H, d = c.n_waves, c.wave_dim
+        self.embedder = nn.Embedding(c.vocab_size, c.dim)
+        # the H energy heads, stacked: head_h(u) = w2_h . tanh(W1_h u + b1_h) + b2_h
+        self.energy_w1 = nn.Parameter(torch.empty(H, d, d))
+        self.energy_b1 = nn.Parameter(torch.zeros(H, d))
+        self.energy_w2 = nn.Parameter(torch.empty(H, d))
+        self.energy_b2 = nn.Parameter(torch.zeros(H))
+        bound1, bound2 = math.sqrt(6 / (2 * d)), math.sqrt(6 / (d + 1))  # Xavier-uniform per head
+        nn.init.uniform_(self.energy_w1, -bound1, bound1)
+        nn.init.uniform_(self.energy_w2, -bound2, bound2)
+        self.readout_window = nn.Linear(c.window * c.dim, c.vocab_size, bias=False)
+        self.readout = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.temperature_raw = nn.Parameter(torch.tensor(inv_softplus(0.12)))
+        self.coupling_gamma = nn.Parameter(torch.tensor(inv_softplus(0.52)))
+        self.coupling_scale = nn.Parameter(torch.tensor(inv_softplus(0.07)))
+        self.coupling_dt = nn.Parameter(torch.tensor(inv_softplus(0.09)))
+        self.coupling_asym = nn.Parameter(torch.tensor(0.0))
+        # the repulsion term's memory: mean final state of the last 8 training batches (saved with the
+        # weights, so that a resumed run continues exactly)
+        self.register_buffer("memory", torch.zeros(REPULSION_MEMORY, c.window * c.dim))
+        self.register_buffer("memory_count", torch.zeros((), dtype=torch.long))
+        self._eval_context = None  # the windows of the last eval forward, for eval_extras
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return F.softplus(self.temperature_raw)
+
+    def coupling(self) -> torch.Tensor:
+        return coupling_matrix(F.softplus(self.coupling_gamma), F.softplus(self.coupling_scale),
+                               F.softplus(self.coupling_dt), self.coupling_asym, self.config.window)
+
+    def windows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, W): position t's window is ids t-W+1..t, left-padded with the row's first id."""
+        W = self.config.window
+        pad = idx[:, :1].expand(-1, W - 1)
+        return torch.cat([pad, idx], dim=1).unfold(1, W, 1)
+
+    def embed(self, ctx: torch.Tensor) -> torch.Tensor:
+        x = self.embedder(ctx)
+        return F.normalize(F.layer_norm(x, (x.shape[-1],)), dim=-1)
+
+    def energy_rows(self, S: torch.Tensor) -> torch.Tensor:
+        """E per window (N,): mean over positions of sum over waves of head_h(wave_h)."""
+        u = S.unflatten(-1, (self.config.n_waves, -1))  # (N, W, H, d)
+        h = torch.tanh(torch.einsum("nwhd,hed->nwhe", u, self.energy_w1) + self.energy_b1)
+        e = (h * self.energy_w2).sum(-1) + self.energy_b2
+        return e.sum(-1).mean(-1)
+
+    def energy_grad(self, S: torch.Tensor) -> torch.Tensor:
+        """d/dS of sum_rows E_row, in closed form: W1^T (w2 * (1 - tanh^2(W1 u + b1))) per wave."""
+        u = S.unflatten(-1, (self.config.n_waves, -1))
+        h = torch.tanh(torch.einsum("nwhd,hed->nwhe", u, self.energy_w1) + self.energy_b1)
+        g = torch.einsum("nwhe,hed->nwhd", (1 - h * h) * self.energy_w2, self.energy_w1)
+        return g.flatten(-2) / self.config.window
+
+    def energy_scale(self, rows: int) -> float:
+        """grad of the seed's energy (mean over rows) is grad of the summed row energies / rows."""
+        c = self.config
+        return 1.0 if c.per_sample_energy else 1.0 / (c.energy_rows or rows)
+
+    # ---- relaxation ---------------------------------------------------------------------------------------
+
+    def relax(self, S: torch.Tensor, rows: int, keep_states: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """Run the outer loop on S0 (N, W, D). Returns the final state, the post-step states (if asked) and
+        the per-window tension of the final step. Inside, the state is (W, N, D): the coupling is one matmul."""
+        c = self.config
+        M = self.coupling()
+        S = S.transpose(0, 1)
+        shape = S.shape
+        step = c.dt * self.energy_scale(rows)
+        low_count = torch.zeros(shape[1] // rows, device=S.device)  # per group of rows (one per position)
+        step_fn = self._step
+        if c.compile_relaxation and not torch.compiler.is_compiling():
+            if not hasattr(self, "_compiled_step"):
+                self._compiled_step = torch.compile(self._step, dynamic=False)
+            step_fn = self._compiled_step
+        states = []
+        for k in range(c.steps):
+            S, T, low_count = step_fn(S, M, step, low_count, rows, k == c.steps - 1)
+            if keep_states:
+                states.append(S.transpose(0, 1))
+        return S.transpose(0, 1), states, T
+
+    def _step(self, S, M, step: float, low_count, rows: int, last: bool):
+        """One outer step on the state (W, N, D): coupling, energy descent, normalisation, tension, breaks."""
+        c = self.config
+        start = S
+        if c.vectorized:
+            S = (M @ S.reshape(c.window, -1)).view(S.shape)
+        else:
+            S = self._couple_reference(S.transpose(0, 1)).transpose(0, 1)
+        if not c.backprop_through_relaxation:
+            S = S.detach()
+        g = self.energy_grad(S) if c.vectorized else self._energy_grad_reference(S)
+        S = S - step * g
+        if torch.compiler.is_compiling() or not bool(torch.isfinite(S).all()):  # the seed zeroes non-finite
+            S = torch.nan_to_num(S, nan=0.0, posinf=0.0, neginf=0.0)
+        # the seed clamps each wave's norm to [1e-3, 12] and then normalises it: the clamp keeps the
+        # direction, so with normalisation on it changes nothing and is skipped
+        S = wave_normalize(S, c.n_waves) if c.normalize_states else wave_clamp(S, c.n_waves)
+        if last:  # the loss uses the last step's tension; earlier ones only decide breaks
+            T = tension(S.transpose(0, 1))
+        else:
+            with torch.no_grad():
+                T = tension(S.transpose(0, 1))
+        if c.breaks:
+            S, low_count = self._break(S, start, T, low_count, rows)
+        return S, T, low_count
+
+    def _break(self, S, start, T, low_count, rows: int):
+        """Low tension for 4 steps running, or any window above 0.18: move every position by alpha along its
+        own direction of change this step (a random direction where that is ~0), then renormalise.
+        The seed decides per batch of windows; here a batch is the `rows` windows at one scored position
+        (S is (W, rows * P, D), row-major), so position t's logits never depend on other positions."""
+        Tg = T.detach().view(rows, -1)  # (rows, P)
+        t_mean = Tg.mean(0)
+        low_count = torch.where(t_mean < LOW_TENSION, low_count + 1, torch.zeros_like(low_count))
+        fire = (Tg.amax(0) > HIGH_TENSION) | (low_count >= LOW_TENSION_STEPS)
+        low_count = torch.where(fire, torch.zeros_like(low_count), low_count)
+        alpha = BREAK_ALPHA * ((BREAK_REF - t_mean) / BREAK_REF).clamp(0.1, 2.0)
+        fire, alpha = fire.repeat(rows)[:, None], alpha.repeat(rows)[:, None]  # (N, 1), broadcast over (W, N, D)
+        delta = S - start
+        n = delta.norm(dim=-1, keepdim=True)
+        u = delta / n.clamp_min(1e-6)
+        if torch.compiler.is_compiling() or bool((n <= 1e-6).any()):  # no change: a random direction
+            u = torch.where(n > 1e-6, u, F.normalize(torch.randn_like(delta), dim=-1))
+        moved = S + alpha * u
+        if self.config.normalize_states:
+            moved = wave_normalize(moved, self.config.n_waves)
+        return torch.where(fire, moved, S), low_count
+
+    def _couple_reference(self, S):
+        """The coupling as the seed writes it: per wave, per position, a sum over the other positions."""
+        c = self.config
+        g, s, dt, a = (F.softplus(self.coupling_gamma), F.softplus(self.coupling_scale),
+                       F.softplus(self.coupling_dt), self.coupling_asym)
+        waves = S.unflatten(-1, (c.n_waves, -1))
+        out = []
+        for h in range(c.n_waves):
+            x = waves[:, :, h]
+            rows = []
+            for i in range(c.window):
+                acc = torch.zeros_like(x[:, i])
+                for j in range(c.window):
+                    if j != i:
+                        w = torch.exp(-g * abs(i - j)) * torch.clamp(1 + 1.25 * torch.tanh(a) * math.copysign(1, j - i),
+                                                                     min=0.2)
+                        acc = acc + w * (x[:, j] - x[:, i])
+                rows.append(x[:, i] + dt * s * acc)
+            out.append(torch.stack(rows, 1))
+        return torch.stack(out, 2).flatten(-2)
+
+    def _energy_grad_reference(self, S):
+        """grad of the summed row energies by autograd with create_graph, one head call per wave (the seed)."""
+        c = self.config
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x = S if S.requires_grad else S.detach().requires_grad_()
+            waves = x.unflatten(-1, (c.n_waves, -1))
+            e = 0
+            for h in range(c.n_waves):
+                z = torch.tanh(waves[:, :, h] @ self.energy_w1[h].t() + self.energy_b1[h])
+                e = e + (z @ self.energy_w2[h] + self.energy_b2[h])
+            E = e.sum() / c.window  # the summed row energies (each a mean over the window)
+            (g,) = torch.autograd.grad(E, x, create_graph=create_graph)
+        return g
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None):
+        c = self.config
+        B, T = idx.shape
+        ctx = self.windows(idx)
+        P = min(c.train_positions, T) if (self.training and targets is not None and c.train_positions) else T
+        ctx = ctx[:, T - P :]
+        ctx = ctx.reshape(B * P, c.window)
+        trajectory = targets is not None and c.loss == "trajectory"
+        with torch.autocast(idx.device.type, enabled=False):  # steps of ~1e-4 vanish in bf16: relax in fp32
+            S, states, T_final = self.relax(self.embed(ctx).float(), B, keep_states=trajectory)
+        logits = self.readout_window(S.reshape(S.shape[0], -1)) / self.temperature
+        if targets is None:
+            self._eval_context = ctx if not self.training else None
+            return logits.view(B, P, -1), None
+        y = targets[:, T - P :].reshape(-1)
+        if c.loss == "ce":
+            loss = F.cross_entropy(logits.float(), y, ignore_index=-1)
+        else:
+            loss = self.trajectory_loss(states, S, T_final, logits, ctx, y, B)["loss"]
+        return logits.view(B, P, -1), loss
+
+    def trajectory_loss(self, states, S, T_final, logits, ctx, y, rows) -> dict:
+        """The seed's training objective and its terms (names as in its CSV where it has one)."""
+        c = self.config
+        terms = {}
+        flat = F.normalize(torch.stack(states).flatten(2), dim=-1)  # (K, N, W*D)
+        pred, teacher = flat[:-1].flatten(0, 1), flat[1:].detach().flatten(0, 1)
+        # a permutation from argsort(rand), not randperm: inductor's randperm-index pattern fails on this graph
+        neg = teacher[torch.rand(teacher.shape[0], device=teacher.device).argsort()]
+        terms["traj_contrast"] = F.relu(CORE_MARGIN - (pred * teacher).sum(-1) + (pred * neg).sum(-1)).mean()
+        t_mean = T_final.mean()
+        terms["floor"] = FLOOR_WEIGHT * (1 + 0.5 * (1 - torch.sigmoid(FLOOR_SHARPNESS * (t_mean - FLOOR_REF))))
+        terms["repulsion"] = self.repulsion(S) * c.repulsion_sign * REPULSION_WEIGHT
+        terms["energy_reg"] = ENERGY_REG * self.energy_rows(S).pow(2).mean()
+        shaped = logits + shaping_bias(ctx, self.embedder.weight, c.vocab_size)
+        shaped = shaped.float() + SHAPING_NOISE * torch.randn_like(shaped, dtype=torch.float32)
+        entropy = entropy_of(shaped)
+        low = (entropy < c.entropy_floor * (1 + t_mean.detach()))[:, None]
+        if torch.compiler.is_compiling() or bool(low.any()):  # extra noise where the distribution is too sharp
+            shaped = shaped + low * LOW_ENTROPY_NOISE * torch.randn_like(shaped)
+            entropy = entropy_of(shaped)
+        terms["token_aux_ce"] = smoothed_ce(shaped, y) - ENTROPY_WEIGHT * entropy.mean()
+        last = self.readout(S[:, -1]) / self.temperature
+        terms["readout_aux_ce"] = smoothed_ce(last, y)
+        terms["loss"] = (terms["traj_contrast"] + terms["floor"] + terms["repulsion"] + terms["energy_reg"]
+                         + c.token_aux_ce * terms["token_aux_ce"] + c.readout_aux * terms["readout_aux_ce"])
+        return terms
+
+    def repulsion(self, S: torch.Tensor) -> torch.Tensor:
+        """Mean cosine between this batch's mean final window and those of the last 8 training batches; the
+        batch's own mean joins the memory (training only)."""
+        m = S.mean(0).flatten()
+        n = int(self.memory_count.clamp(max=REPULSION_MEMORY)) if not torch.compiler.is_compiling() else None
+        if n is None:  # under torch.compile: weight the unfilled slots out instead of slicing
+            valid = (torch.arange(REPULSION_MEMORY, device=m.device) < self.memory_count).float()
+            cos = F.cosine_similarity(self.memory, m[None], dim=-1)
+            out = (cos * valid).sum() / valid.sum().clamp_min(1)
+        else:
+            out = F.cosine_similarity(self.memory[:n], m[None], dim=-1).mean() if n else m.sum() * 0
+        if self.training:
+            with torch.no_grad():
+                self.memory.copy_(torch.roll(self.memory, 1, 0))
+                self.memory[0] = m.detach()
+                self.memory_count += 1
+        return out
+
+    # ---- metrics and the model contract -------------------------------------------------------------------
+
+    def eval_extras(self, logits, targets) -> dict:
+        """The seed's val_ce: temperature-scaled logits plus the bigram bias and the -2/-1 repeat penalties,
+        CE with label smoothing 0.06 (no noise). Summed over tokens; evaluate() averages per token."""
+        ctx = self._eval_context
+        self._eval_context = None
+        flat = logits.reshape(-1, logits.shape[-1])
+        if ctx is None or ctx.shape[0] != flat.shape[0]:
+            return {}
+        shaped = flat.float() + shaping_bias(ctx, self.embedder.weight, self.config.vocab_size).float()
+        return {"seed_val_ce": smoothed_ce(shaped, targets.reshape(-1), reduction="sum").item()}
+
+    def penalize(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """The seed's sampling penalties on (V,) logits: -1.35 on the last 4 generated ids, -5 more on the last."""
+        c = self.config
+        out = logits.clone()
+        for i in generated[-c.repeat_last_n :] if c.repeat_last_n else []:
+            out[i] -= c.repeat_penalty
+        if generated:
+            out[generated[-1]] -= c.last_token_penalty
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per trainer token (forward + backward): per scored window, the readouts and the
+        relaxation; times the scored fraction of each row."""
+        c = self.config
+        T = seq_len or c.max_seq_len
+        readout = 2 * c.window * c.dim * c.vocab_size + 2 * c.dim * c.vocab_size
+        relax = c.steps * c.window * (4 * c.dim * c.wave_dim + 2 * c.window * c.dim)
+        per_window = 3 * (readout + relax)
+        scored = min(c.train_positions, T) / T if c.train_positions else 1.0
+        return per_window * scored
