@@ -212,10 +212,11 @@ def split_runs(items: list[str]) -> tuple[str, list[Path], str, list[Path]]:
 def print_summary(summary: dict) -> None:
     """The table and verdict go to stdout (they are the result); progress went to stderr."""
     import math
+    import sys
 
     from rich.console import Console
 
-    out = Console(highlight=False)
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # no clipped names in pipes
 
     table = Table(title=f"{summary['a']} vs {summary['b']} (same val windows)")
     for col in ("arm", "runs", "parameters", "FLOPs/token", "val loss (mean ± 95% CI)", "val ppl"):
