@@ -31,3 +31,18 @@ def test_constant_and_attack_sustain_release():
     assert v[0] == pytest.approx(0.2) and v[4:20] == [1.0] * 16
     assert v[20] == pytest.approx(0.9) and v[29] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(v[20:], v[21:]))
+
+
+def test_adam8bit_falls_back_to_fp32_adam_without_cuda():
+    import torch
+
+    from toolkit.train.optim import build_optimizers
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    opts = build_optimizers(model, TrainConfig(optimizer="adam8bit", groups={"embedding": {"optimizer": "sgd"}}), "cpu")
+    kinds = sorted(type(o).__name__ for o in opts)
+    assert kinds == ["Adam", "SGD"]
+    with pytest.raises(Exception, match="groups.matrix.optimizer"):
+        from toolkit.recipe import build_table
+
+        build_table(TrainConfig, {"groups": {"matrix": {"optimizer": "lion"}}}, "t")

@@ -99,6 +99,9 @@ class DataConfig:
         check(self.shard_tokens >= 1024, "shard_tokens", "at least 1024")
 
 
+OPTIMIZERS = ("adamw", "adam", "adam8bit", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = ""  # "" = out/<recipe name>
@@ -109,7 +112,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step (global, divided across DDP ranks)
     max_iters: int = 2000
-    optimizer: str = "adamw"  # adamw | adam | sgd (per group overrides in [train.groups.NAME])
+    optimizer: str = "adamw"  # adamw | adam | adam8bit (bitsandbytes on CUDA, else adam) | sgd; per group too
     lr: float = 5e-4
     min_lr: float = 0.0
     schedule: str = "cosine"  # cosine | constant | asr (attack-sustain-release) | step (x gamma every step_size)
@@ -134,7 +137,7 @@ class TrainConfig:
         check_choice(self.schedule, "schedule", ("cosine", "constant", "asr", "step"))
         check(self.schedule != "step" or self.step_size > 0, "step_size", "a positive step count for schedule 'step'")
         check(0 < self.gamma <= 1, "gamma", "a factor in (0, 1]")
-        check_choice(self.optimizer, "optimizer", ("adamw", "adam", "sgd"))
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
               "auto, cpu, cuda, cuda:N or mps")
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
@@ -150,6 +153,8 @@ class TrainConfig:
             check(isinstance(overrides, dict), f"groups.{name}", "a table of optimizer settings")
             unknown = set(overrides) - allowed
             check(not unknown, f"groups.{name}", f"keys among {sorted(allowed)}, got {sorted(unknown)}")
+            if "optimizer" in overrides:
+                check(overrides["optimizer"] in OPTIMIZERS, f"groups.{name}.optimizer", f"one of {OPTIMIZERS}")
 
 
 @dataclass(frozen=True)

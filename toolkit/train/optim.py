@@ -36,6 +36,17 @@ def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def _make(kind: str, groups: list[dict], device_type: str):
+    if kind == "adam8bit":  # attn_demo's bitsandbytes Adam8bit: on CUDA when installed, else fp32 Adam
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            bnb = None
+        if bnb is not None and device_type == "cuda":
+            return bnb.optim.Adam8bit(groups, lr=groups[0]["lr"])
+        from toolkit.console import info
+
+        info("adam8bit: bitsandbytes needs CUDA and the bitsandbytes package; using fp32 Adam")
+        kind = "adam"
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9)
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
