@@ -87,6 +87,8 @@ def test_split_is_deterministic_and_never_empty(tmp_path):
     assert list(iter_documents(tmp_path / "many", "val")) == [f"doc {i}" for i in range(9, 100, 10)]
     m2 = write_corpus(docs, tmp_path / "again", 0.1, "t")
     assert m2["sha256"] == m["sha256"]
+    # the same documents split otherwise are another corpus (cached shards are keyed by this hash)
+    assert write_corpus(docs, tmp_path / "other_split", 0.2, "t")["sha256"] != m["sha256"]
     with pytest.raises(UserError, match="already holds a corpus"):
         write_corpus(docs, tmp_path / "many", 0.1, "t")
     with pytest.raises(UserError, match="gave no documents"):

@@ -31,6 +31,9 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 0 or 1 = off (as run.c); run.c's default is 0.9
     seed: int | None = None  # None = from the clock
+    repeat_penalty: float = 0.0  # subtracted from the logits of each of the last `repeat_last_n` generated ids
+    repeat_last_n: int = 4
+    last_token_penalty: float = 0.0  # subtracted again from the very last generated id (BoggersTheLLM's sampler)
 
     def __post_init__(self):
         if self.temperature < 0 or not math.isfinite(self.temperature):
@@ -39,6 +42,23 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1] (0 or 1 = off), got {self.top_p}")
+        if self.repeat_penalty < 0 or self.last_token_penalty < 0 or self.repeat_last_n < 0:
+            raise ValueError("repeat penalties and repeat_last_n must be >= 0")
+
+
+def penalize(logits: torch.Tensor, generated: Sequence[int], s: Sampling) -> torch.Tensor:
+    """Subtractive repeat penalties on (V,) logits: `repeat_penalty` once per occurrence among the last
+    `repeat_last_n` generated ids, `last_token_penalty` more on the very last one."""
+    if not generated or not (s.repeat_penalty or s.last_token_penalty):
+        return logits
+    out = logits.clone()
+    recent = list(generated[-s.repeat_last_n :]) if s.repeat_last_n else []
+    if s.repeat_penalty and recent:
+        idx = torch.tensor(recent, device=out.device)
+        out.index_put_((idx,), torch.full((len(recent),), -s.repeat_penalty, dtype=out.dtype, device=out.device),
+                       accumulate=True)
+    out[generated[-1]] -= s.last_token_penalty
+    return out
 
 
 @dataclass
@@ -342,7 +362,8 @@ def stream(model_or_decoder, prompt_ids: Sequence[int], max_new_tokens: int = 25
                 stats.stop = "context"
                 break
             with torch.inference_mode():  # not around the yield: the caller's code runs outside it
-                nxt = sample(dec.logits(ids), sampling, generator)
+                logits = penalize(dec.logits(ids), ids[stats.prompt_tokens :], sampling)
+                nxt = sample(logits, sampling, generator)
             if stats.new_tokens == 0:
                 stats.prefill_seconds = time.perf_counter() - t0
             if nxt in stops:

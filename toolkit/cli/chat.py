@@ -19,9 +19,13 @@ def chat(
     prompt: str = typer.Option(None, "--prompt", "-i", help="One-shot: generate for this text, print only the "
                                "generated text to stdout and exit. Piped stdin does the same."),
     steps: int = typer.Option(256, "--max-new-tokens", "-n", help="At most this many new tokens per reply."),
-    temperature: float = typer.Option(1.0, "--temperature", "-t", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(0.9, "--top-p", "-p", help="Nucleus sampling (0 or 1 = off; run.c's default 0.9)."),
+    temperature: float = typer.Option(None, "--temperature", "-t", help="0 = greedy (default 1.0, or the recipe's)."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample from the k most likely tokens (default off, or the "
+                              "recipe's)."),
+    top_p: float = typer.Option(None, "--top-p", "-p", help="Nucleus sampling (0 or 1 = off; default run.c's 0.9, "
+                                "off when the recipe sets top-k)."),
+    repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Subtract this from the logits of each of "
+                                         "the last 4 generated tokens (default 0, or the recipe's)."),
     seed: int = typer.Option(None, "--seed", "-s", help="Random seed (default: from the clock)."),
     system: str = typer.Option("", "--system", "-y", help="System prompt (models fine-tuned with a chat template)."),
     echo: bool = typer.Option(False, "--echo", help="One-shot: print the prompt before the generated text."),
@@ -35,10 +39,6 @@ def chat(
 
     if steps <= 0:
         raise UserError("--max-new-tokens: expected a positive number")
-    try:
-        sampling = G.Sampling(temperature=max(temperature, 0.0), top_k=top_k, top_p=top_p, seed=seed)
-    except ValueError as e:
-        raise UserError(f"sampling: {e}") from None
     text = prompt
     if text is None and not sys.stdin.isatty():
         text = sys.stdin.read()
@@ -47,6 +47,17 @@ def chat(
         if not text.strip():
             raise UserError("stdin is empty; give a prompt with --prompt TEXT or pipe some text in")
     t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
+    # the model family's own sampler (e.g. BoggersTheLLM's top-k 28 + repeat penalties), then run.c's defaults
+    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}
+    if hasattr(t.model, "sampling_defaults"):
+        defaults.update(t.model.sampling_defaults(), top_p=1.0)
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repeat_penalty": repeat_penalty}
+    options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    options["temperature"] = max(options["temperature"], 0.0)
+    try:
+        sampling = G.Sampling(**options, seed=seed)
+    except ValueError as e:
+        raise UserError(f"sampling: {e}") from None
     if system and not t.template:
         info("--system is ignored: a base model (no chat template in its recipe) runs in completion mode")
     session = chat_lib.Session(t, sampling, steps, system, t.template)

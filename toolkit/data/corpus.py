@@ -20,10 +20,10 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-def _write_line(f, text: str, digest) -> int:
+def _write_line(f, split: str, text: str, digest) -> int:
     line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
     f.write(line)
-    digest.update(line.encode("utf-8"))
+    digest.update(split.encode() + line.encode("utf-8"))  # the split is part of what the corpus is
     return len(text.encode("utf-8"))
 
 
@@ -48,7 +48,7 @@ def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source
         def put(split: str, text: str):
             counts[split]["documents"] += 1
             counts[split]["chars"] += len(text)
-            counts[split]["bytes"] += _write_line(files[split], text, digest)
+            counts[split]["bytes"] += _write_line(files[split], split, text, digest)
 
         for doc in docs:
             if held is not None:

@@ -409,15 +409,11 @@ class Model(nn.Module):
         shaped = flat.float() + shaping_bias(ctx, self.embedder.weight, self.config.vocab_size).float()
         return {"seed_val_ce": smoothed_ce(shaped, targets.reshape(-1), reduction="sum").item()}
 
-    def penalize(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
-        """The seed's sampling penalties on (V,) logits: -1.35 on the last 4 generated ids, -5 more on the last."""
+    def sampling_defaults(self) -> dict:
+        """The seed's sampler, used by `lmkit chat` unless the user sets these options."""
         c = self.config
-        out = logits.clone()
-        for i in generated[-c.repeat_last_n :] if c.repeat_last_n else []:
-            out[i] -= c.repeat_penalty
-        if generated:
-            out[generated[-1]] -= c.last_token_penalty
-        return out
+        return {"top_k": c.sample_top_k, "temperature": c.sample_temperature, "repeat_penalty": c.repeat_penalty,
+                "repeat_last_n": c.repeat_last_n, "last_token_penalty": c.last_token_penalty}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
