@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # an inner_arianna-shaped model (288/6/6) trained for about 3 minutes on 2 CPU cores -> eval -> samples.
 # (`lmkit train RECIPE` alone would make the corpus, vocab and shards itself; the demo shows each step.)
 DEMO_TRAIN = --set data.source=$(DEMO)/shards --set tokenizer.path=$(DEMO)/tokenizer --set model.vocab_size=0 \
-	--set model.max_seq_len=128 --set train.batch_size=16 --set train.grad_accum=1 --set train.max_iters=400 \
-	--set train.warmup_iters=30 --set train.lr=2e-3 --set train.min_lr=2e-4 --set train.eval_interval=100
+	--set model.max_seq_len=128 --set train.batch_size=16 --set train.grad_accum=1 --set train.max_iters=800 \
+	--set train.warmup_iters=30 --set train.lr=2e-3 --set train.min_lr=2e-4 --set train.eval_interval=200
 demo: install
 	$(LMKIT) data synthetic -o $(DEMO)/corpus --force
 	$(LMKIT) vocab $(DEMO)/corpus -o $(DEMO)/tokenizer --kind sentencepiece --vocab-size 1024 --force
