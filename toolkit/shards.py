@@ -118,6 +118,15 @@ def shard_meta(tok, dtype, tokens: dict, shards: dict, **extra) -> dict:
             "tokens": tokens, "shards": shards, **extra}
 
 
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """A shard folder to write into: existing shards are replaced only when asked (--force)."""
+    if (out_dir / META).exists() and not overwrite:
+        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("train_*.bin"), *out_dir.glob("val_*.bin"), *out_dir.glob("*.mask"), out_dir / META]:
+        old.unlink(missing_ok=True)
+
+
 def write_meta(out_dir: Path, meta: dict) -> None:
     (Path(out_dir) / META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -197,11 +206,7 @@ def pretokenize(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_toke
     corpus_dir, tokenizer_dir, out_dir = Path(corpus_dir), Path(tokenizer_dir), Path(out_dir)
     manifest = read_manifest(corpus_dir)
     tok = tokenizers.load(tokenizer_dir)
-    if (out_dir / META).exists() and not overwrite:
-        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")) + [out_dir / META]:
-        old.unlink(missing_ok=True)
+    prepare_out_dir(out_dir, overwrite)
     dtype = dtype_for(tok.vocab_size)
     prefix_id = tok.bos_id
     suffix_id = tok.eos_id if append_eos else None
@@ -299,8 +304,7 @@ def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir:
 
     tok = tokenizers.load(tokenizer_dir)
     out_dir = Path(out_dir)
-    if (out_dir / META).exists() and not overwrite:
-        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
+    prepare_out_dir(out_dir, overwrite)
     convs = list(read_conversations(conversations))
     if not convs:
         raise UserError(f"{conversations}: no conversations")
@@ -310,7 +314,6 @@ def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir:
     if not splits["val"]:  # too few conversations: the last one is held out, or shared when it is the only one
         splits["val"] = convs[-1:]
         splits["train"] = convs[:-1] or convs
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype_for(tok.vocab_size)
     meta = shard_meta(tok, dtype, {}, {}, loss_mask=True, chat_template=template, documents={}, target_tokens={},
                       source=str(conversations))

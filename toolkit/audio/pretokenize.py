@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.shards import META, PretokenizeResult, ShardWriter, dtype_for, shard_meta, write_meta
+from toolkit.shards import PretokenizeResult, ShardWriter, dtype_for, prepare_out_dir, shard_meta, write_meta
 
 
 def split_files(paths: list[Path], val_fraction: float) -> dict[str, list[Path]]:
@@ -39,11 +39,7 @@ def pretokenize_codes(codes_dir: Path, tokenizer_dir: Path, out_dir: Path, shard
         raise UserError(f"{codes_dir} holds audio code files but {tokenizer_dir} is a {tok.kind} tokenizer; make an "
                         "audio one with `lmkit vocab -o DIR --kind audio`")
     paths = find_code_files([codes_dir])
-    if (out_dir / META).exists() and not overwrite:
-        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")) + [out_dir / META]:
-        old.unlink(missing_ok=True)
+    prepare_out_dir(out_dir, overwrite)
 
     dtype = dtype_for(tok.vocab_size)
     prefix_id, suffix_id = tok.bos_id, (tok.eos_id if append_eos else None)
