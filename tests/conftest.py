@@ -61,6 +61,17 @@ def sp_tokenizer_dir(tmp_path_factory, corpus_dir):
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core CPU: one torch thread avoids oversubscribed OpenMP pools (3-50x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def lmkit_cache(tmp_path_factory):
     """Corpus/tokenizer/shard products of `lmkit train` go to a per-session cache."""

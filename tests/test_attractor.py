@@ -14,14 +14,7 @@ from toolkit.errors import UserError
 from toolkit.models import attractor
 from toolkit.models.attractor import Config, Model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP spinning on a shared CPU (3x slower when loaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=50, window=4, dim=8, n_waves=2, steps=3, max_seq_len=8, train_positions=0)

@@ -18,14 +18,7 @@ from toolkit.audio.codes import CodeFile, load_codes, save_codes
 from toolkit.audio.io import read_audio
 from toolkit.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by several jobs: torch's thread pool oversubscribed runs 10-50x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
