@@ -51,6 +51,9 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
         if tokenizer is not None:
             raise UserError("-z/--tokenizer is for a llama2.c .bin; a run folder has its own tokenizer/")
         run = load_run(path, device)
+        if hasattr(run.model, "condition"):
+            raise UserError(f"{path} is a T5 span-denoising model, not a chat model: fill masked spans with "
+                            "benchmarks/t5_denoise.py, or roll out audio with `lmkit audio rollout`")
         return Target(run.model, run.tokenizer, run.recipe, str(path))
     if path.is_file():
         from toolkit.export import open_bin

@@ -88,9 +88,12 @@ class DataConfig:
     seed: int = 0  # synthetic generator seed
     shard_tokens: int = 100_000_000  # pretokenize: tokens per shard file
     chat_template: str = ""  # conversations JSONL: "llama2" (masked assistant loss) or "qa" (seed's Q:/A:, no mask)
+    sampling: str = "uniform"  # train windows: "uniform" (anywhere) or "priority" (audio: centred on scored chunks)
+    scores: str = ""  # priority: a .parquet from `lmkit audio score`; "" = scores.parquet in the code folder
 
     def __post_init__(self):
         check_choice(self.chat_template, "chat_template", ("", "llama2", "qa"))
+        check_choice(self.sampling, "sampling", ("uniform", "priority"))
         check(bool(self.source), "source", "a path, 'hf:NAME' or 'synthetic'")
         check(0.0 < self.val_fraction < 1.0, "val_fraction", "a fraction strictly between 0 and 1")
         check(self.max_rows >= 0, "max_rows", "0 (all) or a positive count")

@@ -1,8 +1,10 @@
-"""`lmkit audio encode | score | decode | info`: music -> EnCodec codes -> priority scores, and back."""
+"""`lmkit audio encode | score | decode | info | rollout`: music -> EnCodec codes -> priority scores, and back;
+T5 rollouts from audio prompts."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -170,3 +172,39 @@ def info_cmd(codes_file: Path = typer.Argument(..., help="A code file from `lmki
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+@app.command("rollout")
+def rollout_cmd(
+    audio: Optional[Path] = typer.Argument(None, help="An audio file to take prompts from (encoded and scored in "
+                                           "memory); or leave it out and give --from-codes."),
+    model: Path = typer.Option(..., "--model", "-m", help="A run folder of a T5 trained on audio codes (codebook0)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the wavs, the tapes (.npz) and rollout.json."),
+    from_codes: Optional[Path] = typer.Option(None, "--from-codes", help="Take prompts from the code files scored in "
+                                              "DIR/scores.parquet instead (the seed's in-distribution prompts)."),
+    samples: int = typer.Option(4, help="Tapes rolled out, each from its own prompt."),
+    prompt_length: int = typer.Option(128, help="Tokens per prompt, and the context each iteration sees."),
+    iterations: int = typer.Option(12, help="Continuation / in-fill steps per tape."),
+    tokens_per_step: int = typer.Option(512, help="Continuation: most new tokens per iteration (it stops earlier "
+                                        "at EOS or a sentinel)."),
+    infill_prob: float = typer.Option(0.0, help="Probability that an iteration is an in-fill (the tape gets "
+                                      "[generated, last half of the context])."),
+    infill_length: int = typer.Option(512, help="In-fill: most generated tokens."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(250, help="Sample among the k likeliest tokens (0 = all)."),
+    seed: int = typer.Option(420420, help="Seeds the prompt choice, the modes and the sampling."),
+    codec: str = typer.Option("", "--codec", help=CODEC_HELP + f" Default: {DEFAULT_CODEC} (with --from-codes: "
+                              "the one named in the code files)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier rollout in OUT."),
+):
+    """Extend prompts from high-priority chunks with a T5 (continuation / in-fill "tape"), decode to wav."""
+    from toolkit.audio.rollout import RolloutSettings, rollout
+
+    settings = RolloutSettings(samples=samples, prompt_length=prompt_length, iterations=iterations,
+                               tokens_per_step=tokens_per_step, infill_prob=infill_prob, infill_length=infill_length,
+                               temperature=temperature, top_k=top_k, seed=seed)
+    report = rollout(model, out, settings, audio_path=audio, from_codes=from_codes, codec_name=codec, device=device,
+                     force=force)
+    info(f"{out}: {samples} tape(s), {report['seconds_generated']:.1f} s of audio generated in "
+         f"{report['generate_seconds']:.1f} s ({report['seconds_per_audio_second'] or 0:.2f} s per second of audio)")

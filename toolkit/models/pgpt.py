@@ -225,7 +225,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """q from the block's normalised input, k and v from one projection of the encoder states; QK-norm, no
-    rotary, the encoder's padding mask. (For the T5 mode; not used by the decoder-only model.)"""
+    rotary, the encoder's padding mask. (The T5 decoder's; not used by the decoder-only model.)"""
 
     def __init__(self, c: Config):
         super().__init__()
@@ -236,13 +236,18 @@ class CrossAttention(nn.Module):
         self.q_norm = QKNorm(c.qk_norm, c.n_heads, c.head_dim, c.norm_eps)
         self.k_norm = QKNorm(c.qk_norm, c.n_heads, c.head_dim, c.norm_eps)
 
-    def forward(self, n, memory, memory_mask=None):
-        B, T, _ = n.shape
-        S = memory.shape[1]
-        q = self.q(n).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+    def project(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised keys and values (B, H, S, dh) of the encoder states: computed once per input in generation."""
+        B, S, _ = memory.shape
         k, v = (t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for t in self.kv(memory).chunk(2, dim=-1))
+        return self.k_norm(k), v
+
+    def forward(self, n, memory, memory_mask=None, memory_kv=None):
+        B, T, _ = n.shape
+        q = self.q(n).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = memory_kv if memory_kv is not None else self.project(memory)
         mask = memory_mask[:, None, None, :].bool() if memory_mask is not None else None
-        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(self.q_norm(q), k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -272,11 +277,11 @@ class Block(nn.Module):
         self.lam = nn.Parameter(torch.ones(())) if c.learn_lambda else None
 
     def forward(self, x, cos, sin, key_mask=None, memory=None, memory_mask=None, cache: KVCache | None = None,
-                layer: int = 0, pos: int = 0):
+                layer: int = 0, pos: int = 0, memory_kv=None):
         n = self.norm(x)
         out = self.ffn(n) + self.attn(n, cos, sin, self.causal, key_mask, cache, layer, pos)
         if self.cross is not None:
-            out = out + self.cross(n, memory, memory_mask)
+            out = out + self.cross(n, memory, memory_mask, memory_kv)
         return (x * self.lam if self.lam is not None else x) + out
 
 

@@ -25,7 +25,7 @@ from toolkit import recipe as recipe_lib
 from toolkit.console import console, info
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
-from toolkit.shards import BatchSampler, ShardSet
+from toolkit.shards import ShardSet
 from toolkit.train import checkpoint as ckpt
 from toolkit.train.device import autocast, peak_flops, resolve_device, resolve_dtype
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
@@ -84,15 +84,18 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train_step(model, raw_model, optimizers, batches, amp, grad_clip: float, scaler=None, no_sync=None
-               ) -> torch.Tensor:
+def train_step(model, raw_model, optimizers, batches, amp, grad_clip: float, scaler=None, no_sync=None,
+               row_losses: list | None = None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss as a tensor (no host sync).
-    `no_sync` (DDP) skips the gradient all-reduce on all but the last micro-batch."""
+    `no_sync` (DDP) skips the gradient all-reduce on all but the last micro-batch. With `row_losses` (a list),
+    each micro-batch's per-row losses are appended to it (an objective's feedback, e.g. the T5 curriculum)."""
     step_loss = None
     for i, (x, y) in enumerate(batches):
         with no_sync() if no_sync is not None and i < len(batches) - 1 else nullcontext():
             with amp:
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
+            if row_losses is not None:
+                row_losses.append(raw_model.row_losses(logits.detach(), y))
             loss = loss / len(batches)
             (scaler.scale(loss) if scaler else loss).backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
@@ -129,6 +132,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     `stop_after` > 0 stops (with a checkpoint) after that many steps of this call, as Ctrl-C does:
     time-sliced jobs continue later with `resume`. `time_limit` > 0 does the same after that many seconds.
     """
+    from toolkit.audio.sampler import make_sampler
     from toolkit.train.pipeline import prepare
 
     tc = recipe.train
@@ -168,6 +172,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
                         "(set model.vocab_size = 0 to take the tokenizer's)")
     if hasattr(recipe.model, "vocab_size"):
         recipe = recipe.replace(model=replace(recipe.model, vocab_size=vocab))
+    if hasattr(recipe.model, "with_tokenizer"):  # ids a family takes from the tokenizer (T5: pad, EOS, sentinels)
+        recipe = recipe.replace(model=recipe.model.with_tokenizer(tok))
     seq_len = recipe.model.max_seq_len
 
     torch.manual_seed(tc.seed)
@@ -175,7 +181,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     if init_from is not None:
         ckpt.load_weights(model, init_from / ckpt.WEIGHTS)
     optimizers = build_optimizers(model, tc, device.type)
-    sampler = BatchSampler(shards, "train", seq_len, tc.batch_size, seed=tc.seed)
+    sampler = make_sampler(recipe, shards, "train", seq_len, tc.batch_size, seed=tc.seed)
+    objective = model.make_objective(tc.seed) if hasattr(model, "make_objective") else None
     if tc.grad_accum % d.world:
         raise UserError(f"train.grad_accum = {tc.grad_accum} must be a multiple of the number of processes ({d.world})")
 
@@ -191,6 +198,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         sampler.set_state(state["sampler"])
+        if objective is not None:
+            objective.set_state(state["objective"])
         step, best_val = state["step"], state["best_val"]
         tokens_seen, elapsed = state["tokens_seen"], state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
@@ -213,8 +222,12 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     n_params = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(device, dtype, tc.peak_flops) if d.master else 0.0
-    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
+    # bits per byte: text tokens only (an objective's targets hold sentinels, not text)
+    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") and objective is None else None
     tokens_per_step = tc.batch_size * seq_len * tc.grad_accum
+    # positions the loss scores (a model that scores fewer than seq_len per row says so: attractor A1 scores 1)
+    scored_per_step = tc.batch_size * tc.grad_accum * (
+        raw_model.scored_tokens(seq_len) if hasattr(raw_model, "scored_tokens") else seq_len)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     amp = autocast(device, dtype)
 
@@ -246,6 +259,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
         ckpt.save_weights(raw_model, run_dir / ckpt.WEIGHTS, at_step)
         ckpt.save_state({
             "step": at_step, "optimizers": [o.state_dict() for o in optimizers], "sampler": sampler.state(),
+            "objective": objective.state() if objective is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "best_val": best_val, "tokens_seen": tokens_seen, "elapsed": elapsed,
@@ -286,15 +300,23 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
         task = bar.add_task("train", total=tc.max_iters, completed=step, status="", visible=d.master)
         while step < tc.max_iters:
             set_lr(optimizers, lr_factor(step, tc))
-            batches = []
+            batches, buckets = [], []
+            if objective is not None:
+                objective.begin_step()
             for m in range(tc.grad_accum):  # all ranks draw every micro-batch; each keeps its own
                 which, offsets = sampler.draw()
                 if m % d.world == d.rank:
                     x, y = sampler.read(which, offsets)
+                    if objective is not None:
+                        x, y, b = objective.train_batch(x, step, m)
+                        buckets.append(b)
                     batches.append((torch.from_numpy(x).to(device, non_blocking=True),
                                     torch.from_numpy(y).to(device, non_blocking=True)))
+            row_losses = [] if objective is not None else None
             step_loss = train_step(model, raw_model, optimizers, batches, amp, tc.grad_clip, scaler,
-                                   model.no_sync if d.enabled else None)
+                                   model.no_sync if d.enabled else None, row_losses)
+            if objective is not None:
+                objective.update(*_gather_rows(buckets, row_losses, d))
             step += 1
             tokens_seen += tokens_per_step
             pending.append((step, step_loss))
@@ -319,9 +341,15 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
                 mfu = tps * flops_per_token / peak if peak else None
                 last_record = {"step": step, "loss": float(losses.mean()), "lr": optimizers[0].param_groups[0]["lr"],
                                "tokens_per_s": tps, "mfu": mfu, "tokens": tokens_seen, "elapsed_s": elapsed}
-                log(last_record)
                 status = (f"loss {last_record['loss']:.4f} lr {last_record['lr']:.2e} {tps:,.0f} tok/s"
                           + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+                if scored_per_step != tokens_per_step:
+                    last_record["scored_tokens_per_s"] = tps * scored_per_step / tokens_per_step
+                    status += f" ({last_record['scored_tokens_per_s']:,.0f} scored/s)"
+                if objective is not None:
+                    last_record.update(objective.metrics())
+                    status += objective.status()
+                log(last_record)
                 bar.update(task, completed=step, status=status)
                 pending.clear()
                 window_steps = 0
@@ -333,7 +361,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
                 last_record.update(ev)
                 if d.master:
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
-                    console.print(f"step {step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}")
+                    crclm = objective.status() if objective is not None else ""
+                    console.print(f"step {step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}{crclm}")
                 window_start = time.perf_counter()
             if is_ckpt or stopping:
                 save(step)
@@ -348,6 +377,22 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     if stopped_early and d.master:
         info(f"stopped at step {step}; checkpoint saved. Continue with: lmkit train {run_dir} --resume")
     return summary
+
+
+def _gather_rows(buckets: list, row_losses: list, d: Dist) -> tuple[np.ndarray, np.ndarray]:
+    """Every micro-batch's (bucket, loss) per row in the global micro-batch order, on every rank (DDP: each rank
+    ran micro-batches m with m % world == rank), so an objective's state stays the same on all ranks."""
+    losses = torch.stack(row_losses).float()  # (micro-batches of this rank, B)
+    mine = torch.from_numpy(np.stack(buckets)).to(losses.device)
+    if d.enabled:
+        parts = [torch.empty_like(losses) for _ in range(d.world)]
+        dist.all_gather(parts, losses.contiguous())
+        bucket_parts = [torch.empty_like(mine) for _ in range(d.world)]
+        dist.all_gather(bucket_parts, mine.contiguous())
+        # rank r holds micro-batches r, r + world, ...: interleave back to 0, 1, 2, ...
+        losses = torch.stack(parts, dim=1).flatten(0, 1)
+        mine = torch.stack(bucket_parts, dim=1).flatten(0, 1)
+    return mine.cpu().numpy().reshape(-1), losses.cpu().numpy().reshape(-1)
 
 
 def _val_hash(shards: ShardSet) -> str:

@@ -3,6 +3,8 @@
 Each product lives in a cache folder named by a hash of everything it depends on (the source's
 files, sizes and mtimes; the [data] and [tokenizer] settings; the tokenizer's fingerprint), so a
 changed input makes a new product and an unchanged one is reused across runs and seeds.
+A folder of audio code files (`lmkit audio encode`) goes straight to shards with the audio tokenizer
+(toolkit/audio/pretokenize.py), with no corpus step.
 Cache root: $LMKIT_CACHE, else ~/.cache/lmkit.
 """
 
@@ -60,6 +62,54 @@ def _shard_folder_for(source: str) -> Path | None:
     return None
 
 
+def _is_codes_source(source: str) -> bool:
+    """A folder holding .npz code files (from `lmkit audio encode`) and no text documents, or one .npz file."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.suffix == ".npz"
+    if not path.is_dir() or (path / "manifest.json").is_file():
+        return False
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    return ".npz" in suffixes and not suffixes & {".md", ".txt", ".jsonl"}
+
+
+def _prepare_codes(data, tcfg, root: Path) -> Prepared:
+    """Audio code files -> the audio tokenizer (from [tokenizer]) and shards with per-file meta, both cached."""
+    from toolkit.audio.pretokenize import pretokenize_codes
+
+    if tcfg.path:
+        tok_dir = Path(tcfg.path)
+        tok = tokenizers.load(tok_dir)
+        if tok.kind != "audio":
+            raise UserError(f"data.source {data.source} holds audio code files but tokenizer.path {tcfg.path} is a "
+                            f"{tok.kind} tokenizer; use an audio one (`lmkit vocab --kind audio`)")
+    else:
+        if tcfg.kind != "audio":
+            raise UserError(f"data.source {data.source} holds audio code files: set tokenizer.kind = \"audio\" "
+                            f"(the recipe has {tcfg.kind!r})")
+        tok_dir = root / "tokenizer" / _hash(["audio", dataclasses.asdict(tcfg)])
+        if not (tok_dir / tokenizers.META_FILE).is_file():
+            tmp = tok_dir.with_name(tok_dir.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizers.build(tcfg, None, tmp)
+            shutil.rmtree(tok_dir, ignore_errors=True)
+            tmp.rename(tok_dir)
+        tok = tokenizers.load(tok_dir)
+    # only the code files count: re-scoring (scores.parquet) does not change the shards
+    signature = [e for e in source_signature(data.source) if not isinstance(e, list) or e[0].endswith(".npz")]
+    shards_dir = root / "shards" / _hash(["audio-codes-v2", signature, tok.fingerprint, data.val_fraction,
+                                          data.shard_tokens, tcfg.append_eos])
+    if not (shards_dir / "meta.json").is_file():
+        info(f"pretokenize: audio codes {data.source} -> {shards_dir}")
+        tmp = shards_dir.with_name(shards_dir.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pretokenize_codes(Path(data.source).expanduser(), tok_dir, tmp, shard_tokens=data.shard_tokens,
+                          append_eos=tcfg.append_eos, overwrite=True, val_fraction=data.val_fraction)
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        tmp.rename(shards_dir)
+    return Prepared(None, tok_dir, shards_dir, tok)
+
+
 def prepare(recipe, quiet: bool = False) -> Prepared:
     from toolkit.data import build_corpus, iter_documents, read_manifest
     from toolkit.shards import ShardSet, pretokenize
@@ -73,6 +123,9 @@ def prepare(recipe, quiet: bool = False) -> Prepared:
         tok = tokenizers.load(tcfg.path)
         ShardSet(shard_dir).check_tokenizer(tok)
         return Prepared(None, Path(tcfg.path), shard_dir, tok)
+
+    if _is_codes_source(data.source):
+        return _prepare_codes(data, tcfg, root)
 
     if data.chat_template:  # fine-tuning on conversations: tokens with a loss mask
         from toolkit.shards import pretokenize_conversations
@@ -89,7 +142,8 @@ def prepare(recipe, quiet: bool = False) -> Prepared:
                                       data.val_fraction, data.shard_tokens, overwrite=True)
         return Prepared(None, Path(tcfg.path), sft_dir, tok)
 
-    corpus_fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("shard_tokens",)}
+    corpus_fields = {k: v for k, v in dataclasses.asdict(data).items()
+                     if k not in ("shard_tokens", "sampling", "scores")}
     corpus_dir = root / "corpus" / _hash([corpus_fields, source_signature(data.source)])
     if not (corpus_dir / "manifest.json").is_file():
         info(f"data: collecting {data.source} -> {corpus_dir}")
