@@ -315,3 +315,12 @@ def test_t5_refuses_a_tokenizer_without_sentinels(tmp_path, capsys):
     assert "t5 family needs a tokenizer with pad, eos, bos and sentinel ids" in err
     assert "Traceback" not in err
 
+
+
+def test_the_loss_reaches_every_parameter_through_the_cross_attention():
+    model = randomized(tiny_config()).train()
+    enc, tgt, _ = model.make_objective(0).train_batch(windows(4, 48), 0, 0)
+    _, loss = model(torch.from_numpy(enc), torch.from_numpy(tgt))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []  # encoder blocks learn only through the decoder's cross-attention
