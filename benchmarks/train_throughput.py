@@ -4,6 +4,12 @@
 
 Random tokens (no data needed), the recipe's optimizer groups, clipping and precision; MFU is
 against the peak of the precision used (measured on CPU, known for GPUs; --peak-flops overrides).
+Model settings go through --set (e.g. --set model.steps=16 --set model.vectorized=false).
+
+--repeats R times R blocks of --steps steps: the figures are the median block, `best_ms_per_step` the
+fastest; `cpu_ms_per_step` is the process CPU time per step (robust to other load when one thread runs).
+`scored_tokens_per_s` counts the positions the loss scores (a model's `scored_tokens(seq_len)` per row,
+e.g. 1 for the attractor A1 recipe's `train_positions = 1`), `tokens_per_s` the batch x seq it reads.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=0, help="vocab size when the recipe leaves it to the tokenizer")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1, help="timed blocks of --steps steps (median reported)")
     ap.add_argument("--peak-flops", type=float, default=0.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
@@ -65,20 +72,27 @@ def main():
     loss.item()
     sync()
     warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
-    loss.item()
-    sync()
-    dt = (time.perf_counter() - t0) / args.steps
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
+        loss.item()
+        sync()
+        walls.append((time.perf_counter() - t0) / args.steps)
+        cpus.append((time.process_time() - c0) / args.steps)
+    dt, cpu = sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
     tokens = args.batch * seq * args.accum
+    scored = args.batch * args.accum * (raw.scored_tokens(seq) if hasattr(raw, "scored_tokens") else seq)
     tps = tokens / dt
     peak = peak_flops(device, dtype, args.peak_flops)
     fpt = raw.flops_per_token(seq)
     print(json.dumps({
         "recipe": r.name, "family": r.model.family, "params": raw.num_params(), "device": str(device),
         "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "batch": args.batch, "seq": seq,
-        "accum": args.accum, "tokens_per_s": round(tps, 1), "ms_per_step": round(1000 * dt, 1),
+        "accum": args.accum, "tokens_per_s": round(tps, 1), "scored_tokens_per_s": round(scored / dt, 1),
+        "ms_per_step": round(1000 * dt, 1), "best_ms_per_step": round(1000 * min(walls), 1),
+        "cpu_ms_per_step": round(1000 * cpu, 1), "best_cpu_ms_per_step": round(1000 * min(cpus), 1),
         "mfu": round(tps * fpt / peak, 4) if peak else None, "peak_flops": peak, "flops_per_token": fpt,
         "warmup_s": round(warmup_s, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "torch_threads": torch.get_num_threads(),

@@ -427,3 +427,88 @@ def test_resume_continues_exactly(tmp_path):
                 if "loss" in json.loads(line)]
 
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    # 2 of the 16 positions of each row are scored: the log says so beside the tokens read
+    rec = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rec = [r for r in rec if "tokens_per_s" in r]
+    assert rec and all(r["scored_tokens_per_s"] == pytest.approx(r["tokens_per_s"] * 2 / 16) for r in rec)
+
+
+# ---- the hand-written backward of the fast relaxation -----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["all_fire", "some_fire", "no_change"])
+def test_hand_written_backward_equals_autograd(case, monkeypatch):
+    """`Relaxation` (one autograd node, backward by hand) against autograd through the same steps, in float64:
+    breaks in every group, in some groups only (and low-tension steps), and the random direction of a break
+    that finds no change."""
+    if case == "some_fire":
+        monkeypatch.setattr(attractor, "HIGH_TENSION", 0.6)  # some position groups above, some below
+    x = torch.randint(0, 50, (3, 8))
+    out = {}
+    for hand in (True, False):
+        m = (tiny(steps=3, dt=0.0) if case == "no_change" else tiny(steps=5, dt=2.0)).double()
+        m.hand_backward = hand
+        if case == "no_change":  # no coupling and no energy step: every break meets delta = 0
+            with torch.no_grad():
+                m.coupling_dt.fill_(-60.0)
+        S0 = m.embed(m.windows(x).reshape(-1, 4)).detach().requires_grad_()
+        torch.manual_seed(5)
+        S, states, T = m.relax(S0, rows=3, keep_states=True)
+        states = torch.stack(list(states))
+        torch.manual_seed(6)
+        loss = (torch.randn_like(states) * states).sum() + (torch.randn_like(S) * S).sum() + 3 * T.sum()
+        params = [S0, m.energy_w1, m.energy_b1, m.energy_w2]
+        out[hand] = [states.detach(), T.detach()] + list(torch.autograd.grad(loss, params))
+    if case == "some_fire":
+        assert 0 < (out[True][1].view(3, -1).amax(0) > 0.6).sum() < 8  # breaks in some of the 8 groups
+    if case == "no_change":  # the break moved the unchanged state along a random direction
+        assert (out[True][0][0] - S0.detach()).abs().max() > 1e-3
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_cast_linear_equals_autocast_linear():
+    """`CastLinear` gives autocast's numbers and gradients, accumulates over micro-batches, reuses its gradient
+    memory after .grad is cleared, and follows the weight through an optimizer step."""
+    m = tiny()
+    x = torch.randn(5, 32, requires_grad=True)
+    out = {}
+    for kept in (True, False):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m.linear(x, m.readout_window.weight) if kept else m.readout_window(x)
+        assert y.dtype == torch.bfloat16
+        (y.float() * torch.arange(50.0)).sum().backward()
+        out[kept] = (y.detach(), x.grad.clone(), m.readout_window.weight.grad.clone())
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    w = m.readout_window.weight
+
+    def backward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m.linear(x, w)
+        (y.float() * torch.arange(50.0)).sum().backward()
+
+    w.grad = None
+    backward()
+    first = w.grad
+    backward()  # accumulation over micro-batches adds to .grad
+    torch.testing.assert_close(w.grad, 2 * out[False][2])
+    w.grad = None  # the trainer's zero_grad(set_to_none=True): the next gradient reuses the same memory
+    backward()
+    torch.testing.assert_close(w.grad, out[False][2], atol=0, rtol=0)
+    assert w.grad.data_ptr() == first.data_ptr()
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)  # updates in place without bumping w._version
+    opt.step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(m.linear(x, w), m.readout_window(x), atol=0, rtol=0)
+
+
+def test_smoothed_nll_is_cross_entropy_with_label_smoothing():
+    logits = torch.randn(6, 50)
+    y = torch.randint(0, 50, (6,))
+    y[2] = -1
+    expect = F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=0.06)
+    got = attractor.smoothed_nll(F.log_softmax(logits, -1), y)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-6)
