@@ -83,3 +83,13 @@ def test_recipes_cli_list_show_copy(capsys, tmp_path):
     assert code == 1 and "already exists" in err and "Traceback" not in err
     code, _, err = lmkit(capsys, "recipes", "show", "no_such_recipe")
     assert code == 1 and "recipe not found: no_such_recipe" in err
+
+
+def test_set_keeps_a_number_looking_value_as_text_for_a_string_model_key():
+    from toolkit import recipe as recipe_lib
+    from toolkit.errors import UserError
+
+    r = recipe_lib.load("t5_ascii_cpu", ["model.decoder_start=pad", "data.source=2024"])
+    assert r.model.decoder_start == "pad" and r.data.source == "2024"
+    with pytest.raises(UserError, match=r"decoder_start: expected one of 'bos', 'pad', got '1'"):
+        recipe_lib.load("t5_ascii_cpu", ["model.decoder_start=1"])

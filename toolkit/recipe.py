@@ -330,14 +330,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {text!r}: {part!r} is not a table")
-        if isinstance(value, (int, float, bool)) and _is_str_field(path):
+        if isinstance(value, (int, float, bool)) and _is_str_field(path, raw):
             value = text.split("=", 1)[1]  # a string key given a number-looking value: keep the text
         node[path[-1]] = value
     return raw
 
 
-def _is_str_field(path: list[str]) -> bool:
+def _is_str_field(path: list[str], raw: dict) -> bool:
     cls = TABLES.get(path[0])
+    if path[0] == "model":  # the family's own Config
+        from toolkit import models
+
+        family = raw.get("model", {}).get("family")
+        cls = models.config_class(family) if family in models.FAMILIES else None
     if cls is None or len(path) != 2:
         return False
     hints = typing.get_type_hints(cls)
