@@ -39,10 +39,15 @@ test: install
 lint: install
 	$(BIN)/ruff check toolkit tests benchmarks
 
+ATTRACTOR_BENCH = recipes/attractor_a1.toml --batch 64 --seq 8 --vocab 8192 --dtype auto --steps 5 --repeats 3
 bench: install
+	test -f $(DEMO)/corpus/manifest.json || $(LMKIT) data synthetic -o $(DEMO)/corpus --force
+	test -f $(DEMO)/tokenizer/tokenizer.json || $(LMKIT) vocab $(DEMO)/corpus -o $(DEMO)/tokenizer --kind sentencepiece --vocab-size 1024 --force
 	$(BIN)/python benchmarks/pretokenize.py $(DEMO)/corpus --tokenizer $(DEMO)/tokenizer
 	$(BIN)/python benchmarks/train_throughput.py recipes/tinystories15m.toml --batch 16 --seq 256 --dtype float32
 	$(BIN)/python benchmarks/train_throughput.py recipes/tinystories15m.toml --batch 16 --seq 256 --dtype bfloat16
+	$(BIN)/python benchmarks/train_throughput.py $(ATTRACTOR_BENCH) --set model.steps=16
+	$(BIN)/python benchmarks/train_throughput.py $(ATTRACTOR_BENCH) --set model.steps=16 --set model.vectorized=false
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/audio.py
 
