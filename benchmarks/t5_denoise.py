@@ -17,23 +17,10 @@ import time
 import numpy as np
 import torch
 
-from toolkit.data.span_corruption import reconstruct
+from toolkit.data.span_corruption import reconstruct, target_spans
 from toolkit.generate import Sampling, Stats, generate
 from toolkit.shards import ShardSet, eval_windows
 from toolkit.train import checkpoint as ckpt
-
-
-def spans_of(target: list[int], ids) -> dict[int, list[int]]:
-    out, current = {}, None
-    for t in target:
-        if t == ids.eos:
-            break
-        if ids.sentinel_start <= t < ids.sentinel_start + ids.n_sentinels:
-            current = t
-            out[current] = []
-        elif current is not None:
-            out[current].append(t)
-    return out
 
 
 def main() -> None:
@@ -78,7 +65,7 @@ def main() -> None:
         stopped += stats.stop == "stop"
         new_tokens += stats.new_tokens
         seconds += stats.seconds
-        want, got = spans_of(truth, ids), spans_of(out + [ids.eos], ids)
+        want, got = target_spans(truth, ids), target_spans(out, ids)
         for s, tokens in want.items():
             guess = got.get(s, [])
             right += sum(a == b for a, b in zip(tokens, guess))

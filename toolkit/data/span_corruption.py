@@ -97,21 +97,27 @@ def corrupt(windows: np.ndarray, mask: np.ndarray, ids: SpecialIds, max_target_l
     return Corrupted(inputs, targets, mask)
 
 
+def target_spans(target, ids: SpecialIds) -> dict[int, list[int]]:
+    """{sentinel id: its tokens} of a target (or a generated one), up to EOS or padding."""
+    spans: dict[int, list[int]] = {}
+    current = None
+    for t in target:
+        t = int(t)
+        if t < 0 or t == ids.eos:
+            break
+        if ids.sentinel_start <= t < ids.sentinel_start + ids.n_sentinels:
+            current = t
+            spans[current] = []
+        elif current is not None:
+            spans[current].append(t)
+    return spans
+
+
 def reconstruct(inputs: np.ndarray, targets: np.ndarray, ids: SpecialIds) -> list[list[int]]:
     """The original windows from encoder inputs and targets (the inverse of `corrupt`; for tests and samples)."""
     out = []
     for enc, tgt in zip(inputs, targets):
-        spans: dict[int, list[int]] = {}
-        current = None
-        for t in tgt:
-            t = int(t)
-            if t < 0 or t == ids.eos:
-                break
-            if ids.sentinel_start <= t < ids.sentinel_start + ids.n_sentinels:
-                current = t
-                spans[current] = []
-            elif current is not None:
-                spans[current].append(t)
+        spans = target_spans(tgt, ids)
         row = []
         for t in enc:
             t = int(t)
