@@ -162,8 +162,7 @@ def extend_tapes(model, prompts: np.ndarray, s: RolloutSettings, rng: np.random.
 
     c = model.config
     max_continue, max_infill = limits(c, s)
-    vocab = getattr(c, "vocab_size", 0) or c.sentinel_start + c.n_sentinels + 1
-    stops = tuple(range(code_ids, max(vocab, c.bos_id + 1, c.sentinel_start + c.n_sentinels)))
+    stops = tuple(range(code_ids, c.vocab_size))  # pad, EOS, the sentinels and BOS: every id after the codes
     sampling = Sampling(temperature=s.temperature, top_k=s.top_k)
     device = next(model.parameters()).device
     s0 = c.sentinel_start

@@ -25,7 +25,7 @@ import numpy as np
 
 from toolkit.console import info
 from toolkit.errors import UserError
-from toolkit.shards import BatchSampler, ShardSet, gather
+from toolkit.shards import BatchSampler, ShardSet
 
 
 def read_scores(path: Path) -> dict:
@@ -62,8 +62,9 @@ def centred_starts(centre: np.ndarray, length: int, align0: np.ndarray, step: in
     return np.where(fits, inner, outer)
 
 
-class PrioritySampler:
-    """(input, target) windows of seq_len + 1 tokens centred on chunks drawn ∝ priority_score.
+class PrioritySampler(BatchSampler):
+    """(input, target) windows of seq_len + 1 tokens centred on chunks drawn ∝ priority_score. Only `draw` differs
+    from BatchSampler (reading, resume state and next_batch are its).
 
     Chunks come from the scores rows of the split's files only (a file of the other split, or the other part of
     a single file split by time, is ignored); a file of the split with no rows is never drawn from.
@@ -76,6 +77,7 @@ class PrioritySampler:
                             "made from audio code files by this version of `lmkit pretokenize` (re-run it)")
         self.seq_len, self.batch_size = seq_len, batch_size
         self.arrays = shards.splits[split]
+        self.masks = None  # audio has no loss masks
         length = seq_len + 1
         sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
         if sizes.max() < length:
@@ -127,19 +129,6 @@ class PrioritySampler:
         """Where the next batch's windows start: (shard index, offset) per row. Advances the stream."""
         chunks = self.rng.choice(len(self.weights), size=self.batch_size, p=self.weights)
         return self.chunk_shard[chunks], self.chunk_offset[chunks]
-
-    def read(self, which: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = gather(self.arrays, which, offsets, self.seq_len + 1)
-        return rows[:, :-1], rows[:, 1:].copy()
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.read(*self.draw())
-
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
 
 
 def scores_path(recipe, shards: ShardSet) -> Path:

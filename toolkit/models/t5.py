@@ -162,8 +162,10 @@ class Model(nn.Module):
         return SpanCorruption(c.special_ids(), c.target_len, seed, c.mask_rate, c.mean_span, curriculum)
 
     def eval_batch(self, x: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Val windows -> (encoder input, target) with the seed's fixed validation corruption."""
-        return self.make_objective(0).eval_batch(x, index)
+        """Val windows -> (encoder input, target) with the seed's fixed validation corruption (no curriculum)."""
+        from toolkit.data.span_corruption import SpanCorruption
+
+        return SpanCorruption(self.config.special_ids(), self.config.target_len, seed=0).eval_batch(x, index)
 
     @torch.no_grad()
     def row_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

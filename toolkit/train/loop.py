@@ -222,8 +222,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     n_params = raw_model.num_params()
     flops_per_token = raw_model.flops_per_token(seq_len)
     peak = peak_flops(device, dtype, tc.peak_flops) if d.master else 0.0
-    # bits per byte: text tokens only (an objective's targets hold sentinels, not text)
-    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") and objective is None else None
+    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
     tokens_per_step = tc.batch_size * seq_len * tc.grad_accum
     # positions the loss scores (a model that scores fewer than seq_len per row says so: attractor A1 scores 1)
     scored_per_step = tc.batch_size * tc.grad_accum * (
