@@ -7,7 +7,8 @@ against the peak of the precision used (measured on CPU, known for GPUs; --peak-
 Model settings go through --set (e.g. --set model.steps=16 --set model.vectorized=false).
 
 --repeats R times R blocks of --steps steps: the figures are the median block, `best_ms_per_step` the
-fastest; `cpu_ms_per_step` is the process CPU time per step (robust to other load when one thread runs).
+fastest; `cpu_ms_per_step` is the process CPU time per step (robust to other load when one thread runs),
+`page_faults_per_step` the minor page faults (fresh memory the allocator asked the system for).
 `scored_tokens_per_s` counts the positions the loss scores (a model's `scored_tokens(seq_len)` per row,
 e.g. 1 for the attractor A1 recipe's `train_positions = 1`), `tokens_per_s` the batch x seq it reads.
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit import models  # noqa: E402
 from toolkit import recipe as recipe_lib
-from toolkit.train.device import autocast, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from toolkit.train.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from toolkit.train.loop import train_step  # noqa: E402
 from toolkit.train.optim import build_optimizers  # noqa: E402
 
@@ -52,6 +53,8 @@ def main():
     r = recipe_lib.load(args.recipe, args.overrides)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
     vocab = getattr(r.model, "vocab_size", 0) or args.vocab or r.tokenizer.vocab_size
     torch.manual_seed(0)
     raw = models.build(r.model, vocab).to(device)
@@ -59,28 +62,33 @@ def main():
     optimizers = build_optimizers(raw, r.train, device.type)
     model = torch.compile(raw) if args.compile else raw
     amp = autocast(device, dtype)
-    batches = [(torch.randint(0, vocab, (args.batch, seq), device=device),
-                torch.randint(0, vocab, (args.batch, seq), device=device)) for _ in range(args.accum)]
+    # a fresh random batch every step: a batch seen again and again gets memorised, which changes the work of
+    # some models (the attractor's extra noise on sharp distributions, how often clipping fires)
+    steps = [[(torch.randint(0, vocab, (args.batch, seq), device=device),
+               torch.randint(0, vocab, (args.batch, seq), device=device)) for _ in range(args.accum)]
+             for _ in range(args.warmup + args.steps * args.repeats)]
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
+    for i in range(args.warmup):
+        loss = train_step(model, raw, optimizers, steps[i], amp, r.train.grad_clip)
     loss.item()
     sync()
     warmup_s = time.perf_counter() - t0
-    walls, cpus = [], []
-    for _ in range(args.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
-            loss = train_step(model, raw, optimizers, batches, amp, r.train.grad_clip)
+    walls, cpus, faults = [], [], []
+    for rep in range(args.repeats):
+        t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for i in range(args.steps):
+            loss = train_step(model, raw, optimizers, steps[args.warmup + rep * args.steps + i], amp,
+                              r.train.grad_clip)
         loss.item()
         sync()
         walls.append((time.perf_counter() - t0) / args.steps)
         cpus.append((time.process_time() - c0) / args.steps)
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.steps)
     dt, cpu = sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
     tokens = args.batch * seq * args.accum
     scored = args.batch * args.accum * (raw.scored_tokens(seq) if hasattr(raw, "scored_tokens") else seq)
@@ -93,6 +101,7 @@ def main():
         "accum": args.accum, "tokens_per_s": round(tps, 1), "scored_tokens_per_s": round(scored / dt, 1),
         "ms_per_step": round(1000 * dt, 1), "best_ms_per_step": round(1000 * min(walls), 1),
         "cpu_ms_per_step": round(1000 * cpu, 1), "best_cpu_ms_per_step": round(1000 * min(cpus), 1),
+        "page_faults_per_step": round(sorted(faults)[len(faults) // 2]),
         "mfu": round(tps * fpt / peak, 4) if peak else None, "peak_flops": peak, "flops_per_token": fpt,
         "warmup_s": round(warmup_s, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "torch_threads": torch.get_num_threads(),

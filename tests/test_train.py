@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import os
@@ -188,3 +189,42 @@ def test_bf16_autocast_tracks_the_fp32_loss_curve(tiny_recipe, tmp_path):
     a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
     assert a != b  # autocast really ran in bf16
     assert b == pytest.approx(a, rel=0.02)  # fp32 master weights: the curves agree
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_clipping_equals_clip_grad_norm(fused):
+    """train_step clips as torch's clip_grad_norm_ does: a fused optimizer takes the factor as its grad_scale
+    (for this step only), another gets scaled gradients; a norm within the limit changes nothing."""
+    from toolkit.train.loop import train_step
+
+    def run(clip_by_hand: bool, max_norm: float):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused)
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = model
+
+            def forward(self, x, y):
+                out = self.net(x)
+                return out, 100 * F.mse_loss(out, y)
+
+        wrapped = Wrapped()
+        for _ in range(3):
+            x, y = torch.randn(32, 8), torch.randn(32, 4)
+            if clip_by_hand:
+                loss = wrapped(x, y)[1]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                train_step(wrapped, wrapped, [opt], [(x, y)], contextlib.nullcontext(), max_norm)
+                assert not hasattr(opt, "grad_scale")
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    for max_norm in (0.5, 1e6):  # clipped at every step; never clipped
+        assert torch.allclose(run(False, max_norm), run(True, max_norm), atol=1e-6)
+    assert not torch.allclose(run(False, 0.5), run(False, 1e6), atol=1e-3)
