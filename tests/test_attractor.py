@@ -203,7 +203,7 @@ def test_trajectory_loss_terms_equal_their_formulas():
         bias[n, ctx[n, -1]] -= 2.0
         for tok in ctx[n, -3:]:
             bias[n, tok] -= 1.0
-    assert torch.allclose(attractor.shaping_bias(ctx, E, V), bias, atol=1e-6)
+    assert torch.allclose(attractor.shape_logits(torch.zeros(N, V), ctx, E), bias, atol=1e-6)
     shaped = logits + bias + 0.005 * noise1
     ent = -(shaped.softmax(-1) * shaped.log_softmax(-1)).sum(-1)
     assert (ent < 1.0 * (1 + t)).tolist() == [True, True, False, False, False, False]
@@ -357,7 +357,7 @@ def test_eval_extras_report_the_seed_val_ce():
         logits, _ = m(x)
         extras = m.eval_extras(logits, y)
     ctx = m.windows(x).reshape(-1, 4)
-    shaped = logits.reshape(-1, 50) + attractor.shaping_bias(ctx, m.embedder.weight, 50)
+    shaped = logits.reshape(-1, 50) + attractor.shape_logits(torch.zeros(16, 50), ctx, m.embedder.weight)
     expect = F.cross_entropy(shaped, y.reshape(-1), label_smoothing=0.06, reduction="sum").item()
     assert extras["seed_val_ce"] == pytest.approx(expect, rel=1e-5)
 

@@ -240,10 +240,12 @@ class Relaxation(torch.autograd.Function):
             return g.view(N, W, H, d).permute(2, 1, 0, 3).contiguous()
 
         G = layout(g_final) if g_final is not None else torch.zeros_like(ctx.saved[0]["Y"])
+        if g_states is not None:  # (K, N, W, D) -> (K, H, W, N, d) strided views: added without a copy
+            g_states = g_states.view(K, N, W, H, d).permute(0, 3, 2, 1, 4)
         for k in reversed(range(K)):
             sv = ctx.saved[k]
             if g_states is not None:
-                G = G + layout(g_states[k])
+                G = G + g_states[k]
             # the break: out = where(fire, normalise(Y + coef * delta), Y), delta = Y - X_k, coef = alpha / |delta|
             G_prev = None
             if "coef" in sv:
@@ -314,18 +316,16 @@ def break_rule(T: torch.Tensor, low_count: torch.Tensor, rows: int):
     return fire, alpha, low_count
 
 
-def shaping_bias(context: torch.Tensor, emb: torch.Tensor, V: int, bigram: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """The seed's logit shaping from the window's tokens (N, W): bigram bias 0.025 * E[prev] E^T, -2 on the
-    previous token, -1 on each of the last 3 context tokens (repeats add up). Returns (N, V). `bigram`:
-    E[prev] E^T when the caller has computed it."""
+def shape_logits(logits: torch.Tensor, context: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+    """The seed's logit shaping from the window's tokens (N, W), applied in place to `logits` (N, V): plus the
+    bigram bias 0.025 * E[prev] E^T (E = `emb`; None: the caller has added it), -2 on the previous token, -1 on
+    each of the last 3 context tokens (repeats add up). Returns `logits`."""
     prev = context[:, -1]
-    bias = BIGRAM_WEIGHT * (emb[prev] @ emb.t() if bigram is None else bigram)
-    pen = torch.zeros_like(bias)
-    pen.scatter_add_(1, prev[:, None], torch.full_like(prev[:, None], PREV_PENALTY, dtype=bias.dtype))
+    if emb is not None:
+        logits += BIGRAM_WEIGHT * (emb[prev] @ emb.t())
+    logits.scatter_add_(1, prev[:, None], torch.full_like(prev[:, None], -PREV_PENALTY, dtype=logits.dtype))
     recent = context[:, -RECENT_TOKENS:]
-    pen.scatter_add_(1, recent, torch.full_like(recent, RECENT_PENALTY, dtype=bias.dtype))
-    return bias - pen
+    return logits.scatter_add_(1, recent, torch.full_like(recent, -RECENT_PENALTY, dtype=logits.dtype))
 
 
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
@@ -642,7 +642,8 @@ class Model(nn.Module):
         rows = self.embedder(ctx)  # (N, W, D); the last row is also the bigram bias's E[prev]
         with torch.autocast(idx.device.type, enabled=False):  # steps of ~1e-4 vanish in bf16: relax in fp32
             S, states, T_final = self.relax(window_state(rows).float(), B, keep_states=trajectory)
-        logits = self.linear(S.reshape(S.shape[0], -1), self.readout_window.weight) / self.temperature
+        # (dividing the readout's input by the temperature: 8x fewer numbers than its logits)
+        logits = self.linear(S.reshape(S.shape[0], -1) / self.temperature, self.readout_window.weight)
         if targets is None:
             self._eval_context = ctx if not self.training else None
             return logits.view(B, P, -1), None
@@ -680,8 +681,9 @@ class Model(nn.Module):
         terms["energy_reg"] = ENERGY_REG * self.energy_rows(S).pow(2).mean()
         emb = self.embedder.weight
         prev_emb = emb[ctx[:, -1]] if prev_emb is None else prev_emb
-        shaped = logits + shaping_bias(ctx, emb, c.vocab_size, self.linear(prev_emb, emb))
-        shaped = shaped.float() + torch.empty_like(shaped, dtype=torch.float32).normal_(0, SHAPING_NOISE)
+        bigram = self.linear(prev_emb * BIGRAM_WEIGHT, emb).float()  # a new tensor: shaped in place
+        shaped = shape_logits(bigram.add_(logits), ctx, None)
+        shaped = shaped.add_(torch.empty_like(shaped).normal_(0, SHAPING_NOISE))
         logp = F.log_softmax(shaped, dim=-1)
         entropy = entropy_of(logp)
         low = entropy < c.entropy_floor * (1 + t_mean.detach())
@@ -697,7 +699,7 @@ class Model(nn.Module):
             logp = logp.index_put((sharp,), logp_sharp)
             entropy = entropy.index_put((sharp,), entropy_of(logp_sharp))
         terms["token_aux_ce"] = smoothed_nll(logp, y) - ENTROPY_WEIGHT * entropy.mean()
-        last = self.linear(S[:, -1], self.readout.weight) / self.temperature
+        last = self.linear(S[:, -1] / self.temperature, self.readout.weight)
         terms["readout_aux_ce"] = smoothed_ce(last, y)
         terms["loss"] = (terms["traj_contrast"] + terms["floor"] + terms["repulsion"] + terms["energy_reg"]
                          + c.token_aux_ce * terms["token_aux_ce"] + c.readout_aux * terms["readout_aux_ce"])
@@ -731,7 +733,7 @@ class Model(nn.Module):
         flat = logits.reshape(-1, logits.shape[-1])
         if ctx is None or ctx.shape[0] != flat.shape[0]:
             return {}
-        shaped = flat.float() + shaping_bias(ctx, self.embedder.weight, self.config.vocab_size).float()
+        shaped = shape_logits(flat.to(torch.float32, copy=True), ctx, self.embedder.weight.float())
         return {"seed_val_ce": smoothed_ce(shaped, targets.reshape(-1), reduction="sum").item()}
 
     def sampling_defaults(self) -> dict:
