@@ -512,3 +512,16 @@ def test_smoothed_nll_is_cross_entropy_with_label_smoothing():
     expect = F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=0.06)
     got = attractor.smoothed_nll(F.log_softmax(logits, -1), y)
     assert got.item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_last_tension_of_a_zeroed_step_is_the_seeds():
+    """A step whose values are non-finite is zeroed (the seed), so its waves normalise to 0, not to unit
+    vectors: the tension the loss uses must come from the actual state, in the hand-written relaxation too."""
+    m = tiny(breaks=False)
+    m.train()
+    with torch.no_grad():
+        m.energy_w1.fill_(float("inf"))  # every energy step is nan, zeroed
+    S0 = F.normalize(torch.randn(6, 4, 8), dim=-1).requires_grad_()
+    S, _, T = m.relax(S0, rows=6, keep_states=True)
+    assert S.abs().sum() == 0
+    assert torch.allclose(T, attractor.tension(S.detach()))  # 0.35 (1 - cos(0, 0)) = 0.35 per window

@@ -208,8 +208,8 @@ def fast_heads(w1, b1, w2, step: float):
 class Relaxation(torch.autograd.Function):
     """The fast relaxation with the seed's switches (detached steps, per-wave normalisation) as one autograd
     node. Forward: `Model._fast_step` K times on X0 (H, W, N, d), keeping its intermediates. Returns the
-    post-step states (K, N, W, D), the final state (N, W, D) and the last step's normalised state before its
-    break (H, W, N, d), whose tension the loss uses. Backward, by hand: the break chain back to X0 and the
+    post-step states (K, N, W, D), the final state (N, W, D), the last step's normalised state before its
+    break (H, W, N, d), whose tension the loss uses, and whether its waves are all unit vectors. Backward, by hand: the break chain back to X0 and the
     energy heads' second-order gradients; the coupling gets none (each step starts from a detached state)."""
 
     @staticmethod
@@ -227,10 +227,12 @@ class Relaxation(torch.autograd.Function):
             saved.append(keep)
         ctx.saved, ctx.heads, ctx.step, ctx.M = saved, heads, step, M
         states = states.view(K, N, W, H * d)
-        return states, states[-1].clone(), saved[-1]["Y"]
+        unit = torch.tensor(saved[-1]["finite"] is None)  # no zeroed values: every wave of the last Y is a unit
+        ctx.mark_non_differentiable(unit)
+        return states, states[-1].clone(), saved[-1]["Y"], unit
 
     @staticmethod
-    def backward(ctx, g_states, g_final, g_last_Y):
+    def backward(ctx, g_states, g_final, g_last_Y, _):
         K = len(ctx.saved)
         H, W, N, d = ctx.saved[0]["Y"].shape
         w1t2, b1x2, w2x4, w1_step = ctx.heads
@@ -441,9 +443,9 @@ class Model(nn.Module):
                 and not c.backprop_through_relaxation and not c.compile_relaxation
                 and not torch.compiler.is_compiling()):
             # training with the seed's switches: the whole loop as one autograd node, hand-written backward
-            states, final, last_Y = Relaxation.apply(X, self.energy_w1, self.energy_b1, self.energy_w2, M, step,
-                                                     rows, self)
-            return final, states if keep_states else [], self._fast_tension(last_Y, unit_waves=True)
+            states, final, last_Y, unit = Relaxation.apply(X, self.energy_w1, self.energy_b1, self.energy_w2, M,
+                                                           step, rows, self)
+            return final, states if keep_states else [], self._fast_tension(last_Y, unit_waves=bool(unit))
         heads = fast_heads(self.energy_w1, self.energy_b1, self.energy_w2, step)
         low_count = torch.zeros(N // rows, device=S.device)
         step_fn = self._fast_step
@@ -733,7 +735,7 @@ class Model(nn.Module):
         flat = logits.reshape(-1, logits.shape[-1])
         if ctx is None or ctx.shape[0] != flat.shape[0]:
             return {}
-        shaped = shape_logits(flat.to(torch.float32, copy=True), ctx, self.embedder.weight.float())
+        shaped = shape_logits(flat.to(torch.float32, copy=True), ctx, self.embedder.weight)
         return {"seed_val_ce": smoothed_ce(shaped, targets.reshape(-1), reduction="sum").item()}
 
     def sampling_defaults(self) -> dict:

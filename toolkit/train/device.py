@@ -39,11 +39,12 @@ def keep_freed_memory() -> bool:
     and pay a page fault per 4 KB: 3 000 faults per step of the attractor A1 recipe, 30 000 of the demo's
     llama (its 32 MB logits), a tenth of their step time. With no mmap'd blocks and a 1 GB trim threshold
     they come from the heap and are reused; the cost is that the process keeps its peak heap. Skipped when
-    the user set MALLOC_* or GLIBC_TUNABLES malloc settings (their choice wins) or on other C libraries. Returns whether it
-    applied."""
+    the user set MALLOC_* or GLIBC_TUNABLES malloc settings (their choice wins) and on other C libraries.
+    Returns whether it applied."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc" in tunables:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
