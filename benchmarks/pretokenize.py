@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolkit import console, tokenizers  # noqa: E402
 from toolkit.data import build_corpus, iter_documents, read_manifest, write_corpus  # noqa: E402
 from toolkit.recipe import DataConfig, TokenizerConfig  # noqa: E402
-from toolkit.shards import ShardWriter, dtype_for, pretokenize  # noqa: E402
+from toolkit.shards.format import ShardWriter, dtype_for  # noqa: E402
+from toolkit.shards.pretokenize import pretokenize  # noqa: E402
 
 
 def single_process_loop(corpus: Path, tokenizer_dir: Path, out_dir: Path) -> int:

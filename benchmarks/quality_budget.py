@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit import console, models  # noqa: E402
 from toolkit import recipe as recipe_lib
+from toolkit import run as run_lib  # noqa: E402
+from toolkit.device import autocast, resolve_device, resolve_dtype  # noqa: E402
 from toolkit.evaluate import evaluate  # noqa: E402
-from toolkit.shards import ShardSet  # noqa: E402
-from toolkit.train import checkpoint as ckpt  # noqa: E402
-from toolkit.train.device import autocast, resolve_device, resolve_dtype  # noqa: E402
+from toolkit.shards.format import ShardSet  # noqa: E402
 from toolkit.train.loop import train, train_step  # noqa: E402
 from toolkit.train.optim import build_optimizers  # noqa: E402
 
@@ -61,7 +61,7 @@ def main():
     r = recipe_lib.load(args.recipe, overrides)
     out = Path(args.out or tempfile.mkdtemp(prefix="quality_budget_"))
 
-    from toolkit.train.pipeline import prepare
+    from toolkit.shards.prepare import prepare
 
     t_prep = time.perf_counter()
     prepared = prepare(r)
@@ -77,7 +77,7 @@ def main():
     t0 = time.perf_counter()
     summary = train(r, out, force=True, time_limit=budget)
     wall = time.perf_counter() - t0
-    run = ckpt.load_run(out, resolve_device(r.train.device))
+    run = run_lib.load_run(out, resolve_device(r.train.device))
     dev = next(run.model.parameters()).device
     res = evaluate(run.model, ShardSet(prepared.shards), "val", r.model.max_seq_len, r.train.batch_size, 10**9, dev,
                    autocast(dev, resolve_dtype(r.train.dtype, dev)), prepared.tokenizer.token_bytes())

@@ -17,10 +17,11 @@ import time
 import numpy as np
 import torch
 
-from toolkit.data.span_corruption import reconstruct, target_spans
+from toolkit import run as run_lib
 from toolkit.generate import Sampling, Stats, generate
-from toolkit.shards import ShardSet, eval_windows
-from toolkit.train import checkpoint as ckpt
+from toolkit.shards.format import ShardSet
+from toolkit.shards.sampler import eval_windows
+from toolkit.shards.span_corruption import reconstruct, target_spans
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    run = ckpt.load_run(args.run)
+    run = run_lib.load_run(args.run)
     model, tok, c = run.model, run.tokenizer, run.model.config
     ids = c.special_ids()
     shards = ShardSet(run.info["data"]["shards"])

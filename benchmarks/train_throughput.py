@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit import models  # noqa: E402
 from toolkit import recipe as recipe_lib
-from toolkit.train.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype  # noqa: E402
+from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype  # noqa: E402
 from toolkit.train.loop import train_step  # noqa: E402
 from toolkit.train.optim import build_optimizers  # noqa: E402
 

@@ -35,7 +35,7 @@ def make_run(folder: Path, tok, *, dim: int = 64, n_layers: int = 2, n_heads: in
     optionally fitted for `train_steps` steps on the test corpus so that greedy text is not degenerate."""
     from toolkit import models
     from toolkit import recipe as recipe_lib
-    from toolkit.train.checkpoint import save_weights, write_json
+    from toolkit.run import save_weights, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

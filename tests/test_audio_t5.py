@@ -17,11 +17,11 @@ from conftest import TINY_RECIPE, lmkit
 
 from toolkit import tokenizers
 from toolkit.audio.codes import CodeFile, load_codes, save_codes
-from toolkit.audio.pretokenize import pretokenize_codes, split_files
-from toolkit.audio.sampler import PrioritySampler, make_sampler
 from toolkit.errors import UserError
 from toolkit.recipe import DataConfig, TokenizerConfig, build_table
-from toolkit.shards import BatchSampler, ShardSet, open_shard
+from toolkit.shards.audio import pretokenize_codes, split_files
+from toolkit.shards.format import ShardSet, open_shard
+from toolkit.shards.sampler import BatchSampler, PrioritySampler, make_sampler
 from toolkit.tokenizers.audio import AudioTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,7 +255,7 @@ def audio_recipe(tmp_path, source, **tokenizer):
 
 
 def test_prepare_shards_a_codes_folder(tmp_path):
-    from toolkit.train.pipeline import cache_root, prepare
+    from toolkit.shards.prepare import cache_root, prepare
 
     codes_dir = write_codes(tmp_path / "codes", 4)
     write_scores(codes_dir / "scores.parquet", chunk_rows(codes_dir))
@@ -306,7 +306,7 @@ def t5_run(tmp_path_factory):
 
     from toolkit import models
     from toolkit import recipe as recipe_lib
-    from toolkit.train import checkpoint
+    from toolkit import run as run_lib
 
     run = tmp_path_factory.mktemp("run") / "t5"
     run.mkdir()
@@ -321,9 +321,9 @@ def t5_run(tmp_path_factory):
     torch.manual_seed(0)
     model = models.build(rec.model, tok.vocab_size)
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # zero-initialised: every token equally likely
-    recipe_lib.save(rec, run / checkpoint.RECIPE)
-    tok.save(run / checkpoint.TOKENIZER)
-    checkpoint.save_weights(model, run / checkpoint.WEIGHTS, step=2)
+    recipe_lib.save(rec, run / run_lib.RECIPE)
+    tok.save(run / run_lib.TOKENIZER)
+    run_lib.save_weights(model, run / run_lib.WEIGHTS, step=2)
     return run
 
 

@@ -12,7 +12,7 @@ from toolkit import tokenizers
 from toolkit.audio.codes import CodeFile, save_codes
 from toolkit.errors import UserError
 from toolkit.recipe import TokenizerConfig, build_table
-from toolkit.shards import open_shard
+from toolkit.shards.format import open_shard
 from toolkit.tokenizers.audio import AudioTokenizer
 
 
@@ -106,7 +106,7 @@ def test_pretokenize_codes_folder(capsys, tmp_path, corpus_dir, sp_tokenizer_dir
     assert meta["documents"]["train"] == 4 and meta["documents"]["val"] == 1
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint and meta["dtype"] == "uint16"
     from toolkit.audio.codes import load_codes
-    from toolkit.audio.pretokenize import split_files
+    from toolkit.shards.audio import split_files
 
     splits = split_files(sorted(codes_dir.glob("*.npz")), 0.1)
     for split in ("train", "val"):
@@ -130,7 +130,7 @@ def test_pretokenize_codes_folder(capsys, tmp_path, corpus_dir, sp_tokenizer_dir
 
 
 def test_pretokenize_one_file_splits_by_time(tmp_path):
-    from toolkit.audio.pretokenize import pretokenize_codes
+    from toolkit.shards.audio import pretokenize_codes
 
     _write_codes(tmp_path / "one", 1, frames=200)
     AudioTokenizer("codebook0").save(tmp_path / "tok")

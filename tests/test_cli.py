@@ -6,7 +6,7 @@ import numpy as np
 from conftest import lmkit
 
 from toolkit import __version__, tokenizers
-from toolkit.shards import ShardSet
+from toolkit.shards.format import ShardSet
 
 
 def test_version_and_help(capsys):

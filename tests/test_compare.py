@@ -3,7 +3,7 @@ import math
 
 from conftest import TINY_RECIPE, lmkit
 
-from toolkit import evaluate as ev
+from toolkit import compare as ev
 
 A = [3.0, 3.2, 3.1]
 B = [2.9, 3.0, 3.05]

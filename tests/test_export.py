@@ -14,8 +14,8 @@ from helpers_export import make_run, sentencepiece_tokenizer
 from toolkit import export as ex
 from toolkit.errors import UserError
 from toolkit.export import llama2c
+from toolkit.run import load_run
 from toolkit.tokenizers.bytes import BytesTokenizer
-from toolkit.train.checkpoint import load_run
 
 # --------------------------------------------------------------------------------------------------------
 # an independent reader, from the format description only

@@ -425,7 +425,7 @@ def test_tiny_training_run_learns_reloads_and_chats(tmp_path, capsys):
 
     from conftest import lmkit
 
-    from toolkit.train import checkpoint as ckpt
+    from toolkit import run as run_lib
     from toolkit.train.loop import train
 
     path = tmp_path / "tiny_pgpt.toml"
@@ -435,7 +435,7 @@ def test_tiny_training_run_learns_reloads_and_chats(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
-    loaded = ckpt.load_run(tmp_path / "run")
+    loaded = run_lib.load_run(tmp_path / "run")
     assert loaded.recipe.model.family == "pgpt" and loaded.step == 30
     code, out, err = lmkit(capsys, "chat", str(tmp_path / "run"), "--prompt", "Once upon", "-n", "8", "-t", "0")
     assert code == 0, err

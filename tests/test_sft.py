@@ -4,11 +4,13 @@ import numpy as np
 import torch
 
 from toolkit import recipe as recipe_lib
+from toolkit import run as run_lib
 from toolkit import tokenizers
 from toolkit.data.chat_template import encode_conversation
-from toolkit.shards import BatchSampler, ShardSet, eval_windows, pretokenize_conversations
+from toolkit.shards.format import ShardSet
+from toolkit.shards.pretokenize import pretokenize_conversations
+from toolkit.shards.sampler import BatchSampler, eval_windows
 from toolkit.tokenizers.bytes import BytesTokenizer
-from toolkit.train import checkpoint as ckpt
 from toolkit.train.loop import train
 
 CONVS = [
@@ -61,12 +63,12 @@ def test_sft_fine_tunes_from_a_base_run_with_its_tokenizer(tiny_recipe, tmp_path
         "train.batch_size=4", "train.grad_accum=1", "train.max_iters=30", "train.lr=3e-3", "train.warmup_iters=2",
         "train.eval_interval=30", "train.eval_iters=4"])
     summary = train(r, tmp_path / "sft", init_from=base)
-    run = ckpt.load_run(tmp_path / "sft")
+    run = run_lib.load_run(tmp_path / "sft")
     assert run.recipe.data.chat_template == "llama2"
     assert run.tokenizer.fingerprint == tokenizers.load(base / "tokenizer").fingerprint
     info = json.loads((tmp_path / "sft" / "run.json").read_text())
     assert info["init_from"] == str(base)
-    base_run = ckpt.load_run(base)
+    base_run = run_lib.load_run(base)
     before = dict(base_run.model.named_parameters())["tok_embeddings.weight"]
     after = dict(run.model.named_parameters())["tok_embeddings.weight"]
     assert not torch.equal(before, after)

@@ -6,16 +6,9 @@ import pytest
 from toolkit import tokenizers
 from toolkit.data import iter_documents
 from toolkit.errors import UserError
-from toolkit.shards import (
-    MAGIC,
-    BatchSampler,
-    ShardSet,
-    convert_llama2c,
-    eval_windows,
-    open_shard,
-    pretokenize,
-    write_shard,
-)
+from toolkit.shards.format import MAGIC, ShardSet, open_shard, write_shard
+from toolkit.shards.pretokenize import convert_llama2c, pretokenize
+from toolkit.shards.sampler import BatchSampler, eval_windows
 from toolkit.tokenizers.bytes import BytesTokenizer
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import lmkit
 
-from toolkit.data.span_corruption import (
+from toolkit.generate import Sampling, generate
+from toolkit.models import pgpt, t5
+from toolkit.shards.span_corruption import (
     Curriculum,
     CurriculumConfig,
     SpanCorruption,
@@ -19,8 +21,6 @@ from toolkit.data.span_corruption import (
     reconstruct,
     span_mask,
 )
-from toolkit.generate import Sampling, generate
-from toolkit.models import pgpt, t5
 
 IDS = SpecialIds(pad=256, eos=257, bos=258, sentinel_start=259, n_sentinels=100)
 

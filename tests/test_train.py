@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from toolkit import models
 from toolkit import recipe as recipe_lib
+from toolkit import run as run_lib
 from toolkit.errors import UserError
-from toolkit.shards import ShardSet, eval_windows
-from toolkit.train import checkpoint as ckpt
+from toolkit.shards.format import ShardSet
+from toolkit.shards.sampler import eval_windows
 from toolkit.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def test_train_writes_a_complete_run_folder_and_learns(tiny_recipe, tmp_path):
     assert [m["step"] for m in evals] == [20, 40]
     assert evals[-1]["val_loss"] < math.log(259) - 1.0  # far below uniform over the byte vocabulary
     assert summary["step"] == 40 and summary["val_bpb"] > 0
-    loaded = ckpt.load_run(run)
+    loaded = run_lib.load_run(run)
     assert loaded.step == 40 and loaded.recipe.model.vocab_size == 259
     with pytest.raises(UserError, match="already holds a run; use --resume"):
         train(r, run)
@@ -77,7 +78,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_re
     r = recipe_lib.load(tiny_recipe, ["train.eval_interval=4", "train.log_interval=3"])
     with pytest.raises(UserError, match="loss became nan at step 9; stopped"):
         train(r, tmp_path / "run")
-    kept = ckpt.load_run(tmp_path / "run")
+    kept = run_lib.load_run(tmp_path / "run")
     assert kept.step == 8 and all(torch.isfinite(p).all() for p in kept.model.parameters())
 
 
@@ -90,17 +91,17 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(tiny_recipe, tmp_pa
     with pytest.raises(UserError, match="cannot read the training state"):
         train(r, run, resume=True)
     (run / "state.pt").write_bytes(good)
-    ckpt.save_weights(ckpt.load_run(run).model, run / "model.safetensors", step=3)
+    run_lib.save_weights(run_lib.load_run(run).model, run / "model.safetensors", step=3)
     with pytest.raises(UserError, match="model.safetensors is from step 3 but state.pt from step 6"):
         train(r, run, resume=True)
     (run / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(UserError, match="not a readable safetensors file"):
-        ckpt.load_run(run)
+        run_lib.load_run(run)
     wrong = recipe_lib.load(tiny_recipe, ["model.dim=64"])
     recipe_lib.save(wrong, run / "recipe.toml")
-    ckpt.save_weights(models.build(recipe_lib.load(tiny_recipe).model, 259), run / "model.safetensors")
+    run_lib.save_weights(models.build(recipe_lib.load(tiny_recipe).model, 259), run / "model.safetensors")
     with pytest.raises(UserError, match="has shape .* the recipe's model needs"):
-        ckpt.load_run(run)
+        run_lib.load_run(run)
 
 
 def test_eval_equals_a_direct_computation(tiny_recipe, tmp_path, capsys):
@@ -109,7 +110,7 @@ def test_eval_equals_a_direct_computation(tiny_recipe, tmp_path, capsys):
     code, out, err = lmkit(capsys, "eval", str(run), "--json", "--batches", "3", "--device", "cpu")
     assert code == 0, err
     got = json.loads(out)
-    loaded = ckpt.load_run(run)
+    loaded = run_lib.load_run(run)
     shards = ShardSet(json.loads((run / "run.json").read_text())["data"]["shards"])
     total, n, nbytes = 0.0, 0, 0
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_recipe, tmp_path):
     assert proc.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped_early"] and summary["step"] >= 3
-    assert ckpt.load_state(run / "state.pt")["step"] == summary["step"] == ckpt.load_run(run).step
+    assert run_lib.load_state(run / "state.pt")["step"] == summary["step"] == run_lib.load_run(run).step
     assert "--resume" in err
 
 
@@ -179,7 +180,7 @@ def test_ddp_two_gloo_processes_equal_a_single_process(tiny_recipe, tmp_path):
 
 
 def test_bf16_autocast_tracks_the_fp32_loss_curve(tiny_recipe, tmp_path):
-    from toolkit.train.device import cpu_bf16_supported
+    from toolkit.device import cpu_bf16_supported
 
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no native bf16")
@@ -237,7 +238,7 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_new_pages():
     time; a user's MALLOC_* setting is left alone."""
     code = """
 import resource, sys, torch
-from toolkit.train.device import keep_freed_memory
+from toolkit.device import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = []
 for _ in range(24):

@@ -42,7 +42,7 @@ class Target:
 
 def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu") -> Target:
     """A run folder or a llama2.c model.bin (with -z tokenizer.bin, or the one beside it)."""
-    from toolkit.train.checkpoint import is_run, load_run
+    from toolkit.run import is_run, load_run
 
     path = Path(path)
     if path.is_dir():

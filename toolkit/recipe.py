@@ -17,26 +17,9 @@ from typing import Any
 import tomli_w
 import tomllib
 
-from toolkit.errors import UserError
+from toolkit.errors import RecipeError, UserError, check, check_choice  # noqa: F401 (configs use them)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class RecipeError(ValueError):
-    """Raised by a config's __post_init__: `key` is the offending field."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
-def check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise RecipeError(key, message)
-
-
-def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    check(value in choices, key, f"one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def prompts_from_codes(codes_dir: Path, tok, s: RolloutSettings, rng: np.random.
     """Prompts from code files, centred on chunks of codes_dir/scores.parquet drawn ∝ priority.
     Returns (prompts, where, the codec named in the code files, their frame rate)."""
     from toolkit.audio.codes import load_codes
-    from toolkit.audio.sampler import read_scores
+    from toolkit.shards.sampler import read_scores
 
     table = read_scores(Path(codes_dir) / "scores.parquet")
     p = table["priority_score"].clip(0, None)
@@ -203,7 +203,7 @@ def rollout(run_dir: Path, out: Path, s: RolloutSettings, audio_path: Path | Non
     from toolkit.audio.codec import decode, load_codec, resolve_device
     from toolkit.audio.io import read_audio, write_audio
     from toolkit.generate import make_generator
-    from toolkit.train.checkpoint import load_run
+    from toolkit.run import load_run
 
     if (audio_path is None) == (from_codes is None):
         raise UserError("give exactly one of AUDIO (a file to take prompts from) or --from-codes DIR")

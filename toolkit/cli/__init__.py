@@ -11,23 +11,11 @@ import sys
 
 import click
 import typer
-from typer.core import TyperGroup
 
 from toolkit import __version__, console
 from toolkit.errors import UserError
 
 DEBUG = False
-
-
-class DefaultCommandGroup(TyperGroup):
-    """A group whose first argument may be a subcommand or, failing that, belongs to `default`."""
-
-    default = "build"
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = [self.default, *args]
-        return super().parse_args(ctx, args)
 
 
 app = typer.Typer(

@@ -35,7 +35,7 @@ def chat(
     one answers in its chat template. With --prompt or piped stdin: one reply on stdout, for scripts."""
     from toolkit import chat as chat_lib
     from toolkit import generate as G
-    from toolkit.train.device import resolve_device
+    from toolkit.device import resolve_device
 
     if steps <= 0:
         raise UserError("--max-new-tokens: expected a positive number")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from toolkit.cli import DefaultCommandGroup
+from toolkit.cli.groups import DefaultCommandGroup
 from toolkit.console import info
 from toolkit.recipe import DataConfig, build_table
 

@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from toolkit.cli import DefaultCommandGroup
+from toolkit.cli.groups import DefaultCommandGroup
 from toolkit.console import console
 from toolkit.errors import UserError
 
@@ -21,11 +20,7 @@ class EvalGroup(DefaultCommandGroup):
     """`lmkit eval RUN` means `lmkit eval run RUN`, options first or not (`lmkit eval --json RUN`)."""
 
     default = "run"
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = [self.default, *args]
-        return super(DefaultCommandGroup, self).parse_args(ctx, args)
+    options_to_default = True
 
 
 app = typer.Typer(
@@ -47,29 +42,14 @@ def eval_run(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Token-level cross-entropy, perplexity and bits per byte on fixed val windows (the same for every run)."""
-    from toolkit.evaluate import evaluate
-    from toolkit.shards import ShardSet
-    from toolkit.train import checkpoint as ckpt
-    from toolkit.train.device import autocast, resolve_device, resolve_dtype
+    from toolkit import run as run_lib
+    from toolkit.device import resolve_device
+    from toolkit.evaluate import evaluate_run
 
     dev = resolve_device(device)
-    r = ckpt.load_run(run, dev)
-    seq_len = r.recipe.model.max_seq_len
-    with tempfile.TemporaryDirectory() as tmp:
-        if data:
-            shards_dir, source = _tokenize_text(data, r, Path(tmp)), data
-        else:
-            shards_dir, source = Path(r.info.get("data", {}).get("shards", "")), "val shards"
-            if not (shards_dir / "meta.json").is_file():
-                from toolkit.train.pipeline import prepare
-
-                shards_dir = prepare(r.recipe.replace(tokenizer=_with_path(r))).shards
-        shards = ShardSet(shards_dir)
-        shards.check_tokenizer(r.tokenizer)
-        tb = r.tokenizer.token_bytes() if hasattr(r.tokenizer, "token_bytes") else None
-        res = evaluate(r.model, shards, "val", seq_len, batch_size or r.recipe.eval.batch_size or
-                       r.recipe.train.batch_size, batches or r.recipe.eval.max_batches, dev,
-                       autocast(dev, resolve_dtype(r.recipe.train.dtype, dev)), tb)
+    r = run_lib.load_run(run, dev)
+    res = evaluate_run(r, dev, batches, batch_size, data)
+    source = data or "val shards"
     out = {"run": str(run), "step": r.step, "data": source, **res.to_dict()}
     if as_json:
         print(json.dumps(out))
@@ -82,42 +62,6 @@ def eval_run(
     table.add_row(f"{res.loss:.4f}", f"{res.ppl:.2f}", f"{res.bpb:.4f}" if res.bpb else "-", f"{res.tokens:,}",
                   str(res.windows), *(f"{v:.4f}" for v in res.extras.values()))
     console.print(table)
-
-
-def _with_path(r):
-    from dataclasses import replace
-
-    from toolkit.train.checkpoint import TOKENIZER
-
-    return replace(r.recipe.tokenizer, path=str(r.path / TOKENIZER))
-
-
-def _tokenize_text(data: str, r, tmp: Path) -> Path:
-    """Any text source -> shards with the run's tokenizer; a corpus folder's val split is used as is."""
-    from toolkit.data import build_corpus
-    from toolkit.recipe import DataConfig
-    from toolkit.shards import pretokenize
-    from toolkit.train.checkpoint import TOKENIZER
-
-    corpus = Path(data)
-    if not (corpus / "manifest.json").is_file():
-        # all of a given file is evaluated: it goes to the val split whole
-        build_corpus(DataConfig(source=data, val_fraction=0.5), tmp / "corpus")
-        corpus = tmp / "corpus"
-        _all_to_val(corpus)
-    pretokenize(corpus, r.path / TOKENIZER, tmp / "shards", workers=1)
-    return tmp / "shards"
-
-
-def _all_to_val(corpus: Path) -> None:
-    import json as _json
-
-    train, val = corpus / "train.jsonl", corpus / "val.jsonl"
-    val.write_text(train.read_text() + val.read_text())
-    m = _json.loads((corpus / "manifest.json").read_text())
-    for key in ("documents", "chars", "bytes"):
-        m[key]["val"] += m[key]["train"]
-    (corpus / "manifest.json").write_text(_json.dumps(m))
 
 
 SEPARATOR = "vs"
@@ -146,9 +90,9 @@ def compare(
     <out>/<A>_vs_<B>.json, .md and .png (val-loss curves, mean ± CI band)."""
     import shlex
 
-    from toolkit.evaluate import compare_runs, train_arm
-    from toolkit.train import checkpoint as ckpt
-    from toolkit.train.device import resolve_device
+    from toolkit import run as run_lib
+    from toolkit.compare import compare_runs, train_arm
+    from toolkit.device import resolve_device
 
     words = ["lmkit", "eval", "compare", *items, "--seeds", str(seeds), "--budget-tokens", f"{budget_tokens:g}",
              "--out", str(out)]
@@ -159,7 +103,7 @@ def compare(
         if v:
             words += [flag, str(v)]
     command = " ".join(shlex.quote(w) for w in words)  # recorded in the report, to reproduce it
-    if len(items) == 2 and not any(ckpt.is_run(Path(i)) for i in items) and SEPARATOR not in items:
+    if len(items) == 2 and not any(run_lib.is_run(Path(i)) for i in items) and SEPARATOR not in items:
         from toolkit import recipe as recipe_lib
 
         if seeds < 1:
@@ -187,7 +131,7 @@ def compare(
 
 def split_runs(items: list[str]) -> tuple[str, list[Path], str, list[Path]]:
     """'A... vs B...', or runs of exactly two recipes (by the recipe name in each run.json)."""
-    from toolkit.evaluate import read_run_info
+    from toolkit.compare import read_run_info
 
     if SEPARATOR in items:
         i = items.index(SEPARATOR)
@@ -211,25 +155,18 @@ def split_runs(items: list[str]) -> tuple[str, list[Path], str, list[Path]]:
 
 def print_summary(summary: dict) -> None:
     """The table and verdict go to stdout (they are the result); progress went to stderr."""
-    import math
     import sys
 
     from rich.console import Console
 
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # no clipped names in pipes
+    from toolkit.compare import SUMMARY_COLUMNS, difference_line, summary_rows
 
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # no clipped names in pipes
     table = Table(title=f"{summary['a']} vs {summary['b']} (same val windows)")
-    for col in ("arm", "runs", "parameters", "FLOPs/token", "val loss (mean ± 95% CI)", "val ppl"):
+    for col in SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col == "arm" else "right")
-    for name, arm in summary["arms"].items():
-        ci = arm["val_loss_ci"]
-        table.add_row(name, str(arm["n"]), ", ".join(f"{p / 1e6:.3f} M" for p in arm["params"]),
-                      ", ".join(f"{f / 1e6:.2f} M" for f in arm["flops_per_token"]),
-                      f"{arm['val_loss_mean']:.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}"),
-                      f"{arm['val_ppl_mean']:.2f}")
-    out.print(table)
-    d = summary["difference"]
-    ci = "" if math.isnan(d["ci"]) else f" ± {d['ci']:.4f}"
-    p = "n/a" if math.isnan(d["p"]) else f"{d['p']:.3g}"
-    out.print(f"{summary['b']} − {summary['a']}: {d['diff']:+.4f}{ci} nats ({d['test']}, p = {p})")
+    for row in summary_rows(summary):
+        table.add_row(*row)
+    out.print(table, markup=False)
+    out.print(difference_line(summary), markup=False)
     out.print(f"verdict: {summary['verdict']}", markup=False)

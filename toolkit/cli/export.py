@@ -26,7 +26,7 @@ def export(
 ):
     """Convert between run folders and llama2.c's model.bin files (both directions, chosen by SOURCE)."""
     from toolkit import export as ex
-    from toolkit.train.checkpoint import is_run
+    from toolkit.run import is_run
 
     if source.is_dir():
         if tokenizer is not None:

@@ -24,7 +24,8 @@ def pretokenize(
 ):
     """Tokenize a corpus into train_XXXXXX.bin / val_XXXXXX.bin shards (256 x int32 header, magic 20240520) and
     meta.json, in parallel and streaming."""
-    from toolkit import shards, tokenizers
+    from toolkit import tokenizers
+    from toolkit.shards import pretokenize as shards
 
     if not corpus.exists():
         raise UserError(f"corpus not found: {corpus}")
@@ -36,7 +37,7 @@ def pretokenize(
     if shard_tokens < 1024:
         raise UserError("--shard-tokens: expected at least 1024")
     if corpus.is_dir() and not (corpus / "manifest.json").exists() and any(corpus.rglob("*.npz")):
-        from toolkit.audio.pretokenize import pretokenize_codes
+        from toolkit.shards.audio import pretokenize_codes
 
         result = pretokenize_codes(corpus, tokenizer, out, shard_tokens=shard_tokens, append_eos=append_eos,
                                    overwrite=force)

@@ -119,7 +119,7 @@ class Exported:
 
 
 def export_run(run_path: Path, out: Path, fmt: str = "v0", group_size: int = 0, force: bool = False) -> Exported:
-    from toolkit.train.checkpoint import load_run
+    from toolkit.run import load_run
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of v0 (run.c), v1 (fp32), v2 (int8, runq.c)")
@@ -223,7 +223,7 @@ def open_bin(model_path: Path, tokenizer_path: Path | None = None, device="cpu")
 def import_bin(model_path: Path, tokenizer_path: Path | None, out: Path, force: bool = False) -> Path:
     """Write a run folder (model.safetensors, recipe.toml, tokenizer/, run.json) from a llama2.c model.bin."""
     from toolkit import recipe as recipe_lib
-    from toolkit.train.checkpoint import RECIPE, RUN_INFO, TOKENIZER, WEIGHTS, save_weights, write_json
+    from toolkit.run import RECIPE, RUN_INFO, TOKENIZER, WEIGHTS, save_weights, write_json
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

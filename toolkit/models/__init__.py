@@ -1,18 +1,6 @@
-"""Model families. Each module defines a frozen `Config` dataclass (with `family`) and `Model(config)`.
-
-A causal model takes `(idx, targets)` and returns `(logits, loss)` (targets of -1 are ignored: masked
-chat prompts); it also has `num_params()`, `flops_per_token(seq_len)` (for MFU), optionally
-`new_cache(batch, max_len)` with `forward(idx, cache=, pos=)` for `toolkit.generate`,
-`optimizer_groups() -> {name: [params]}` for per-group optimizer settings, and
-`eval_extras(logits, targets) -> {name: sum over tokens}` for metrics of its own beside the clean CE, and
-`scored_tokens(seq_len) -> int` when its training loss scores fewer positions per row than the seq_len it reads
-(the trainer's progress line and metrics then add scored tokens/s beside tokens/s).
-
-An objective other than next-token prediction (T5 span denoising) is the model's too: `make_objective(seed)`
-turns the trainer's token windows into (input, target) batches and takes per-row losses back
-(toolkit/data/span_corruption.py), `eval_batch(x, index)` does the same, fixed, for evaluation, and
-`row_losses(logits, targets)` gives the feedback. A Config with `with_tokenizer(tok)` takes ids it needs
-(pad, EOS, sentinels) from the tokenizer before the model is built.
+"""Model families. Each module defines a frozen `Config` dataclass (with `family`) and `Model(config)`, a
+`toolkit.models.base.LanguageModel`: the protocol (required and optional methods, with their defaults) is there.
+Shared pieces (KV cache, RoPE tables, masks) are in `toolkit.models.common`.
 """
 
 from __future__ import annotations

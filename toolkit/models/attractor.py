@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.recipe import check, check_choice
+from toolkit.errors import check, check_choice
+from toolkit.models.base import LanguageModel
 
 # the seed's constants (seeds.md 1.2)
 NORM_CLAMP = (1e-3, 12.0)  # per-wave norm clamp after an energy step
@@ -348,7 +349,7 @@ def smoothed_ce(logits, targets, reduction="mean"):
                            reduction=reduction)
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     hand_backward = True  # train with `Relaxation` where it applies (False: autograd through `_fast_step`)
 
     def __init__(self, config: Config):
@@ -744,8 +745,6 @@ class Model(nn.Module):
         return {"top_k": c.sample_top_k, "temperature": c.sample_temperature, "repeat_penalty": c.repeat_penalty,
                 "repeat_last_n": c.repeat_last_n, "last_token_penalty": c.last_token_penalty}
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def scored_tokens(self, seq_len: int | None = None) -> int:
         """Positions per training row of `seq_len` tokens that the loss scores (`train_positions`, A1: 1)."""

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.recipe import check, check_choice
+from toolkit.errors import check, check_choice
+from toolkit.models.base import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, config: Config):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size must be resolved before building"
@@ -241,8 +242,6 @@ class Model(nn.Module):
         p = self.tok_emb.weight
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N over the parameters used in matmuls (not the

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.recipe import check
+from toolkit.errors import check
+from toolkit.models.base import LanguageModel
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, config: Config):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size must be resolved before building"
@@ -199,8 +200,6 @@ class Model(nn.Module):
         p = self.tok_embeddings.weight
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""

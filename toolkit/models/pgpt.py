@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.recipe import check, check_choice
+from toolkit.errors import check, check_choice
+from toolkit.models.base import LanguageModel
 
 NORMS = ("rmsnorm", "layernorm", "layernorm_nobias", "l2norm", "none")
 # head_rmsnorm: each head's dh-vector, no gain (the seed's dynamic_shape_rmsnorm, its default);
@@ -319,7 +320,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mean: str) -> torch.Ten
 # the model
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, config: Config):
         super().__init__()
         assert config.vocab_size > 0, "vocab_size must be resolved before building"
@@ -357,14 +358,6 @@ class Model(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
 
-    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        """embedding, head, block matrices (2-D) and block scalars/vectors (gains, biases, lam)."""
-        block = [p for p in self.blocks.parameters() if p.requires_grad]
-        return {"embedding": [self.embed.weight], "head": [self.lm_head.weight],
-                "matrix": [p for p in block if p.dim() >= 2], "scalar": [p for p in block if p.dim() < 2]}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per matmul weight (the embedding lookup is not a matmul) plus attention."""

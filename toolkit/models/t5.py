@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.errors import UserError
+from toolkit.errors import UserError, check, check_choice
 from toolkit.models import pgpt
+from toolkit.models.base import LanguageModel
 from toolkit.models.pgpt import Block, KVCache, lm_loss, rms_norm, rope_tables, softcap, z_loss
-from toolkit.recipe import check, check_choice
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,12 @@ class Config(pgpt.Config):
         return replace(self, **{n: getattr(tok, n) if getattr(self, n) == -1 else getattr(self, n) for n in needed})
 
     def special_ids(self):
-        from toolkit.data.span_corruption import SpecialIds
+        from toolkit.shards.span_corruption import SpecialIds
 
         return SpecialIds(self.pad_id, self.eos_id, self.bos_id, self.sentinel_start, self.n_sentinels)
 
 
-class Model(nn.Module):
+class Model(LanguageModel):
     def __init__(self, config: Config):
         super().__init__()
         c = config
@@ -154,7 +154,7 @@ class Model(nn.Module):
     # --- what the trainer, eval and generation ask of it ---------------------------------------------
 
     def make_objective(self, seed: int):
-        from toolkit.data.span_corruption import Curriculum, CurriculumConfig, SpanCorruption
+        from toolkit.shards.span_corruption import Curriculum, CurriculumConfig, SpanCorruption
 
         c = self.config
         curriculum = Curriculum(CurriculumConfig(buckets=c.curriculum_buckets, check_every=c.curriculum_check_every)) \
@@ -163,7 +163,7 @@ class Model(nn.Module):
 
     def eval_batch(self, x: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Val windows -> (encoder input, target) with the seed's fixed validation corruption (no curriculum)."""
-        from toolkit.data.span_corruption import SpanCorruption
+        from toolkit.shards.span_corruption import SpanCorruption
 
         return SpanCorruption(self.config.special_ids(), self.config.target_len, seed=0).eval_batch(x, index)
 
@@ -182,13 +182,6 @@ class Model(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch, max_len or self.config.target_len, device or p.device, dtype or p.dtype)
 
-    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
-        block = [p for stack in (self.encoder, self.decoder) for p in stack.parameters() if p.requires_grad]
-        return {"embedding": [self.embed.weight], "head": [self.lm_head.weight],
-                "matrix": [p for p in block if p.dim() >= 2], "scalar": [p for p in block if p.dim() < 2]}
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per encoder window token (what the trainer counts), an estimate: the encoder runs on

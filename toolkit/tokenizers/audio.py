@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.tokenizers import write_meta
+from toolkit.tokenizers.base import write_meta
 
 LAYOUTS = ("codebook0", "flatten", "delay")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.tokenizers import write_meta
+from toolkit.tokenizers.base import write_meta
 
 
 class BytesTokenizer:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.tokenizers import write_meta
+from toolkit.tokenizers.base import write_meta
 from toolkit.tokenizers.llama2c_bin import read_tokenizer_bin
 
 FILE = "tokenizer.bin"

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from toolkit.errors import UserError
-from toolkit.tokenizers import write_meta
+from toolkit.tokenizers.base import write_meta
 from toolkit.tokenizers.llama2c_bin import write_tokenizer_bin
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.tokenizers import write_meta
+from toolkit.tokenizers.base import write_meta
 
 _BLOB = "https://openaipublic.blob.core.windows.net"
 # url -> (package, file inside the package, gzipped, sha256 that tiktoken expects)

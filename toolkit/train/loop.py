@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from toolkit import models, tokenizers
 from toolkit import recipe as recipe_lib
+from toolkit import run as run_lib
 from toolkit.console import console, info
+from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
-from toolkit.shards import ShardSet
-from toolkit.train import checkpoint as ckpt
-from toolkit.train.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from toolkit.shards.format import ShardSet
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -148,8 +148,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     `stop_after` > 0 stops (with a checkpoint) after that many steps of this call, as Ctrl-C does:
     time-sliced jobs continue later with `resume`. `time_limit` > 0 does the same after that many seconds.
     """
-    from toolkit.audio.sampler import make_sampler
-    from toolkit.train.pipeline import prepare
+    from toolkit.shards.prepare import prepare
+    from toolkit.shards.sampler import make_sampler
 
     tc = recipe.train
     d, device = init_distributed(tc.device)
@@ -157,20 +157,20 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     if device.type == "cpu":
         keep_freed_memory()
     run_dir = Path(run_dir or run_dir_for(recipe))
-    if resume and (run_dir / ckpt.TOKENIZER / tokenizers.META_FILE).is_file():
-        recipe = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(run_dir / ckpt.TOKENIZER)))
+    if resume and (run_dir / run_lib.TOKENIZER / tokenizers.META_FILE).is_file():
+        recipe = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(run_dir / run_lib.TOKENIZER)))
     if init_from is not None:
         init_from = Path(init_from)
-        if not ckpt.is_run(init_from):
+        if not run_lib.is_run(init_from):
             raise UserError(f"--init-from {init_from}: not a run folder (needs model.safetensors and recipe.toml)")
-        recipe = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(init_from / ckpt.TOKENIZER)))
+        recipe = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(init_from / run_lib.TOKENIZER)))
     if d.master:
-        if resume and not (run_dir / ckpt.STATE).is_file():
-            raise UserError(f"{run_dir}: no checkpoint to resume from ({ckpt.STATE} missing)")
+        if resume and not (run_dir / run_lib.STATE).is_file():
+            raise UserError(f"{run_dir}: no checkpoint to resume from ({run_lib.STATE} missing)")
         if not resume and run_dir.exists() and any(run_dir.iterdir()):
             if not force:
                 raise UserError(f"{run_dir} already holds a run; use --resume to continue it or --force to start over")
-            for name in (ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RUN_INFO):
+            for name in (run_lib.WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
                 (run_dir / name).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -197,7 +197,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     torch.manual_seed(tc.seed)
     model = models.build(recipe.model, vocab).to(device)
     if init_from is not None:
-        ckpt.load_weights(model, init_from / ckpt.WEIGHTS)
+        run_lib.load_weights(model, init_from / run_lib.WEIGHTS)
     optimizers = build_optimizers(model, tc, device.type)
     sampler = make_sampler(recipe, shards, "train", seq_len, tc.batch_size, seed=tc.seed)
     objective = model.make_objective(tc.seed) if hasattr(model, "make_objective") else None
@@ -206,8 +206,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
 
     step, best_val, tokens_seen, elapsed = 0, math.inf, 0, 0.0
     if resume:
-        state = ckpt.load_state(run_dir / ckpt.STATE)
-        weights_step = ckpt.load_weights(model, run_dir / ckpt.WEIGHTS)
+        state = run_lib.load_state(run_dir / run_lib.STATE)
+        weights_step = run_lib.load_weights(model, run_dir / run_lib.WEIGHTS)
         if weights_step != state["step"]:
             raise UserError(f"{run_dir}: model.safetensors is from step {weights_step} but state.pt from step "
                             f"{state['step']} (a checkpoint write was interrupted); restore one of them")
@@ -224,7 +224,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         if d.master:
-            _metrics_truncate(run_dir / ckpt.METRICS, step)
+            _metrics_truncate(run_dir / run_lib.METRICS, step)
             info(f"resuming {run_dir} at step {step}")
     else:
         torch.manual_seed(tc.seed + d.rank)  # dropout noise differs per rank
@@ -249,9 +249,9 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     amp = autocast(device, dtype)
 
     if d.master:
-        tok.save(run_dir / ckpt.TOKENIZER)
-        recipe_lib.save(recipe, run_dir / ckpt.RECIPE)
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, {
+        tok.save(run_dir / run_lib.TOKENIZER)
+        recipe_lib.save(recipe, run_dir / run_lib.RECIPE)
+        run_lib.write_json(run_dir / run_lib.RUN_INFO, {
             "recipe": recipe.name, "family": recipe.model.family, "params": n_params,
             "flops_per_token": flops_per_token, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "world_size": d.world,
@@ -273,18 +273,18 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     def save(at_step: int) -> None:
         if not d.master:
             return
-        ckpt.save_weights(raw_model, run_dir / ckpt.WEIGHTS, at_step)
-        ckpt.save_state({
+        run_lib.save_weights(raw_model, run_dir / run_lib.WEIGHTS, at_step)
+        run_lib.save_state({
             "step": at_step, "optimizers": [o.state_dict() for o in optimizers], "sampler": sampler.state(),
             "objective": objective.state() if objective is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "best_val": best_val, "tokens_seen": tokens_seen, "elapsed": elapsed,
-        }, run_dir / ckpt.STATE)
+        }, run_dir / run_lib.STATE)
 
     def log(record: dict) -> None:
         if d.master:
-            with open(run_dir / ckpt.METRICS, "a") as f:
+            with open(run_dir / run_lib.METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     model.train()
@@ -423,8 +423,8 @@ def _val_hash(shards: ShardSet) -> str:
 
 def resume_recipe(run_dir: Path, overrides: list[str]):
     """The recipe saved in a run folder, with --set overrides (e.g. a larger train.max_iters)."""
-    if not ckpt.is_run(run_dir) and not (Path(run_dir) / ckpt.RECIPE).is_file():
-        raise UserError(f"{run_dir} is not a run folder (no {ckpt.RECIPE})")
-    r = recipe_lib.load(Path(run_dir) / ckpt.RECIPE, overrides)
-    tokenizers.load(Path(run_dir) / ckpt.TOKENIZER)  # fails clearly if missing or edited
+    if not run_lib.is_run(run_dir) and not (Path(run_dir) / run_lib.RECIPE).is_file():
+        raise UserError(f"{run_dir} is not a run folder (no {run_lib.RECIPE})")
+    r = recipe_lib.load(Path(run_dir) / run_lib.RECIPE, overrides)
+    tokenizers.load(Path(run_dir) / run_lib.TOKENIZER)  # fails clearly if missing or edited
     return r

@@ -1,31 +1,113 @@
-"""Training windows of audio tokens centred on scored chunks, drawn with probability ∝ priority.
-
-The seed's `IntelligentAudioDataLoader` drew chunk indices ∝ priority_score and centred a window on
-chunk * (total_tokens // rows), a derived chunk size that drifts. Here each chunk's place comes from the
-frame_start / frame_end stored in the scores Parquet (`lmkit audio score`) and each file's place in the
-split's token stream from the shards' meta.json (toolkit/audio/pretokenize.py), so a window is centred on
-the chunk's middle frame exactly:
-
-  centre = the first token of the chunk's middle frame, (frame_start + frame_end) // 2
-  start  = centre - (seq_len + 1) // 2, moved down to a frame boundary (a multiple of tokens_per_frame
-           after the file's BOS), then clamped so the window lies inside the file's tokens (after its BOS)
-           and inside one shard; a file shorter than the window is clamped inside the shard instead.
-
-`PrioritySampler` has BatchSampler's interface (draw / read / next_batch / state / set_state) and a numpy
-PCG64 state, so a resumed run draws the same windows. `make_sampler` picks it or BatchSampler from
-the recipe's data.sampling.
+"""Batch samplers over a shard set: random training windows (resumable, DDP-aware), fixed eval windows, and
+audio windows drawn by priority (below).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from toolkit.console import info
 from toolkit.errors import UserError
-from toolkit.shards import BatchSampler, ShardSet
+from toolkit.shards.format import ShardSet
+
+
+def gather(arrays: list[np.ndarray], which: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
+    """Rows arrays[which[i]][offsets[i] : offsets[i] + length] as one int64 array (vectorised per shard)."""
+    out = np.empty((len(offsets), length), dtype=np.int64)
+    steps = np.arange(length)
+    for s in np.unique(which):
+        rows = np.nonzero(which == s)[0]
+        out[rows] = arrays[s][offsets[rows, None] + steps]
+    return out
+
+
+class BatchSampler:
+    """Random (input, target) windows of seq_len + 1 tokens from a split.
+
+    The random state is a numpy PCG64 whose state goes into the checkpoint, so a resumed run draws
+    the same batches. Under DDP every rank advances the same stream and keeps its own micro-batches,
+    so the global batch equals a single-process run's.
+    """
+
+    def __init__(self, shards: ShardSet, split: str, seq_len: int, batch_size: int, seed: int):
+        keep = [i for i, a in enumerate(shards.splits[split]) if len(a) > seq_len + 1]
+        self.arrays = [shards.splits[split][i] for i in keep]
+        self.masks = [shards.masks[split][i] for i in keep] if shards.masks else None
+        if not self.arrays:
+            longest = max(len(a) for a in shards.splits[split])
+            raise UserError(f"the {split} split has no shard longer than seq_len + 1 = {seq_len + 1} tokens "
+                            f"(longest: {longest}); use a shorter max_seq_len or more data")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        sizes = np.array([len(a) - seq_len - 1 for a in self.arrays], dtype=np.float64)
+        self.weights = sizes / sizes.sum()
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the next batch's windows start: (shard index, offset) per row. Advances the stream."""
+        which = self.rng.choice(len(self.arrays), size=self.batch_size, p=self.weights)
+        limits = np.array([len(a) - self.seq_len - 1 for a in self.arrays])[which]
+        offsets = (self.rng.random(self.batch_size) * (limits + 1)).astype(np.int64)
+        return which, offsets
+
+    def read(self, which: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = gather(self.arrays, which, offsets, self.seq_len + 1)
+        x, y = rows[:, :-1], rows[:, 1:].copy()
+        if self.masks is not None:
+            y[gather(self.masks, which, offsets + 1, self.seq_len) == 0] = -1  # not a target: ignored by the loss
+        return x, y
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.read(*self.draw())
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+
+def eval_windows(shards: ShardSet, split: str, seq_len: int, batch_size: int, max_batches: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Non-overlapping windows from the start of the split, the same for every run and model."""
+    which, offsets = [], []
+    for s, a in enumerate(shards.splits[split]):
+        n = (len(a) - 1) // seq_len
+        which.extend([s] * n)
+        offsets.extend(range(0, n * seq_len, seq_len))
+    if not offsets:
+        raise UserError(f"the {split} split has fewer than seq_len + 1 = {seq_len + 1} tokens")
+    which_a, offsets_a = np.array(which), np.array(offsets, dtype=np.int64)
+    n_windows = min(len(offsets_a), batch_size * max_batches)
+    for start in range(0, n_windows, batch_size):
+        sl = slice(start, min(start + batch_size, n_windows))
+        rows = gather(shards.splits[split], which_a[sl], offsets_a[sl], seq_len + 1)
+        y = rows[:, 1:].copy()
+        if shards.masks:
+            y[gather(shards.masks[split], which_a[sl], offsets_a[sl] + 1, seq_len) == 0] = -1
+        yield rows[:, :-1], y
+
+
+# --- priority sampling of audio windows ------------------------------------------------------------
+# Training windows of audio tokens centred on scored chunks, drawn with probability ∝ priority.
+#
+# The seed's `IntelligentAudioDataLoader` drew chunk indices ∝ priority_score and centred a window on
+# chunk * (total_tokens // rows), a derived chunk size that drifts. Here each chunk's place comes from the
+# frame_start / frame_end stored in the scores Parquet (`lmkit audio score`) and each file's place in the
+# split's token stream from the shards' meta.json (toolkit/shards/audio.py), so a window is centred on
+# the chunk's middle frame exactly:
+#
+#   centre = the first token of the chunk's middle frame, (frame_start + frame_end) // 2
+#   start  = centre - (seq_len + 1) // 2, moved down to a frame boundary (a multiple of tokens_per_frame
+#            after the file's BOS), then clamped so the window lies inside the file's tokens (after its BOS)
+#            and inside one shard; a file shorter than the window is clamped inside the shard instead.
+#
+# `PrioritySampler` has BatchSampler's interface (draw / read / next_batch / state / set_state) and a numpy
+# PCG64 state, so a resumed run draws the same windows. `make_sampler` picks it or BatchSampler from
+# the recipe's data.sampling.
 
 
 def read_scores(path: Path) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.shards import PretokenizeResult, ShardWriter, dtype_for, prepare_out_dir, shard_meta, write_meta
+from toolkit.shards.format import PretokenizeResult, ShardWriter, dtype_for, prepare_out_dir, shard_meta, write_meta
 
 
 def split_files(paths: list[Path], val_fraction: float) -> dict[str, list[Path]]:

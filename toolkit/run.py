@@ -8,7 +8,6 @@ Nothing is unpickled: weights are safetensors and state.pt is loaded with weight
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from toolkit import recipe as recipe_lib
 from toolkit import tokenizers
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write, atomic_write_json
 
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.toml"
@@ -30,12 +30,6 @@ TOKENIZER = "tokenizer"
 
 def is_run(path: Path) -> bool:
     return (Path(path) / WEIGHTS).is_file() and (Path(path) / RECIPE).is_file()
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -52,7 +46,7 @@ def weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path, step: int = 0) -> None:
-    _atomic(Path(path), lambda tmp: save_file(weights_dict(model), str(tmp), metadata={"step": str(step)}))
+    atomic_write(Path(path), lambda tmp: save_file(weights_dict(model), str(tmp), metadata={"step": str(step)}))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> int:
@@ -86,7 +80,7 @@ def _is_tied_alias(model, name: str, tensors: dict) -> bool:
 
 
 def save_state(state: dict, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict:
@@ -97,7 +91,7 @@ def load_state(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write_json(path, obj)
 
 
 @dataclass

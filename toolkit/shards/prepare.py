@@ -75,7 +75,7 @@ def _is_codes_source(source: str) -> bool:
 
 def _prepare_codes(data, tcfg, root: Path) -> Prepared:
     """Audio code files -> the audio tokenizer (from [tokenizer]) and shards with per-file meta, both cached."""
-    from toolkit.audio.pretokenize import pretokenize_codes
+    from toolkit.shards.audio import pretokenize_codes
 
     if tcfg.path:
         tok_dir = Path(tcfg.path)
@@ -112,7 +112,8 @@ def _prepare_codes(data, tcfg, root: Path) -> Prepared:
 
 def prepare(recipe, quiet: bool = False) -> Prepared:
     from toolkit.data import build_corpus, iter_documents, read_manifest
-    from toolkit.shards import ShardSet, pretokenize
+    from toolkit.shards.format import ShardSet
+    from toolkit.shards.pretokenize import pretokenize
 
     data, tcfg = recipe.data, recipe.tokenizer
     root = cache_root()
@@ -128,7 +129,7 @@ def prepare(recipe, quiet: bool = False) -> Prepared:
         return _prepare_codes(data, tcfg, root)
 
     if data.chat_template:  # fine-tuning on conversations: tokens with a loss mask
-        from toolkit.shards import pretokenize_conversations
+        from toolkit.shards.pretokenize import pretokenize_conversations
 
         if not tcfg.path:
             raise UserError("training on conversations needs the base model's tokenizer: use --init-from RUN "

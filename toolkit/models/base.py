@@ -1,0 +1,71 @@
+"""The model protocol: what the trainer, evaluator, generator, chat, serve and export ask of a model.
+
+Every family's `Model` subclasses `LanguageModel`. `forward` and `flops_per_token` are required; every other
+method has a default here, and callers use it rather than testing with `hasattr`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in module.parameters())  # parameters() already yields a tied tensor once
+
+
+class LanguageModel(nn.Module):
+    config: Any
+
+    # what the training objective is: "next_token" (causal LM), or "span_corruption" (T5: the trainer wraps its
+    # sampler in toolkit.shards.span_corruption, which reads the ids and span settings from `config`)
+    objective = "next_token"
+    # T5: the decoder is conditioned on an encoded input, `condition(enc_ids)` -> an object with new_cache/forward
+    is_encoder_decoder = False
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """(logits, loss): logits (B, T, V); loss the mean cross-entropy over targets != -1 (None without targets)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token read (for MFU)."""
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        return count_params(self)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None):
+        """A KV cache for `forward(idx, cache=, pos=)`, or None: the model has none (generation recomputes a window)."""
+        return None
+
+    def make_decoder(self):
+        """A decoder of the family's own (an object with `logits(ids)`, `max_len`, `sliding`), or None: the
+        generation loop picks one from `new_cache`."""
+        return None
+
+    def sampling_defaults(self) -> dict:
+        """Sampling settings the family's seed used (chat and serve apply them unless the user sets them)."""
+        return {}
+
+    def condition(self, enc_ids: torch.Tensor):
+        raise NotImplementedError(f"{type(self).__module__} is not an encoder-decoder model")
+
+    # --- training and evaluation ------------------------------------------------------------------------------
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]] | None:
+        """{group: params} for per-group optimizer settings, or None: toolkit.train.optim's default groups."""
+        return None
+
+    def scored_tokens(self, seq_len: int) -> int:
+        """Positions per training row that the loss scores (attractor A1 scores 1 of its window)."""
+        return seq_len
+
+    def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eval logits for (x, y), and metrics of the family's own as {name: sum over scored tokens}."""
+        logits, _ = self(x)
+        return logits, {}
