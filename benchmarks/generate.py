@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py                       # tinystories15m shape: 288/6/6, vocab 32000, seq 256
     python benchmarks/generate.py --decoder torch       # the plain PyTorch KV-cache forward, for comparison
-    python benchmarks/generate.py --run-c /tmp/run      # also time llama2.c's run.c on the same weights
+    python benchmarks/generate.py --run-c path/to/run   # also time a compiled llama2.c run.c on the same weights
 
 Greedy, batch 1, prompt = BOS, stop tokens ignored so every run makes the same number of tokens.
 `decode_tokens_per_s` is measured as run.c measures "achieved tok/s" (tokens after the first, over the
@@ -77,7 +77,6 @@ def main():
         "params": model.num_params(),
         "new_tokens": n_new,
         "decoder": type(dec).__name__,
-        "classifier_blas_threads": getattr(getattr(dec, "classifier", None), "threads", None),
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

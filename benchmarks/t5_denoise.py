@@ -21,7 +21,7 @@ from toolkit import run as run_lib
 from toolkit.generate import Sampling, Stats, generate
 from toolkit.shards.format import ShardSet
 from toolkit.shards.sampler import eval_windows
-from toolkit.shards.span_corruption import reconstruct, target_spans
+from toolkit.shards.span_corruption import eval_batch, reconstruct, special_ids, target_spans
 
 
 def main() -> None:
@@ -37,10 +37,10 @@ def main() -> None:
 
     run = run_lib.load_run(args.run)
     model, tok, c = run.model, run.tokenizer, run.model.config
-    ids = c.special_ids()
+    ids = special_ids(c)
     shards = ShardSet(run.info["data"]["shards"])
     x = np.concatenate([w for w, _ in eval_windows(shards, "val", c.max_seq_len, args.windows, 1)])[: args.windows]
-    enc, tgt = model.eval_batch(x, 0)
+    enc, tgt = eval_batch(model.config, x, 0)
 
     def show(row) -> str:
         if tok.kind != "bytes":

@@ -10,6 +10,7 @@ from helpers_export import sentencepiece_tokenizer
 
 from toolkit import generate as G
 from toolkit.models.llama import Config, Model
+from toolkit.models.llama_cpu import LlamaCPUDecoder
 from toolkit.tokenizers.bytes import BytesTokenizer
 
 
@@ -19,7 +20,7 @@ def tiny(kv=0, seq=48, seed=0, vocab=200):
 
 
 @pytest.mark.parametrize("kv", [0, 2, 1])
-@pytest.mark.parametrize("decoder", [G.CachedDecoder, G.LlamaCPUDecoder])
+@pytest.mark.parametrize("decoder", [G.CachedDecoder, LlamaCPUDecoder])
 def test_cached_logits_equal_full_sequence(kv, decoder):
     model = tiny(kv)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -38,7 +39,7 @@ def test_long_prompt_goes_through_the_torch_forward():
     ids = torch.randint(0, 200, (1, 100), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         full = model(ids)[0][0]
-        dec = G.LlamaCPUDecoder(model)
+        dec = LlamaCPUDecoder(model)
         assert len(ids[0]) - 1 > dec.NUMPY_PREFILL
         got = torch.stack([dec.logits(ids[0, :t].tolist()) for t in (90, 91, 92, 100)])
     assert (got - full[[89, 90, 91, 99]]).abs().max() < 1e-5
@@ -62,7 +63,7 @@ def test_decoders_give_the_same_greedy_tokens():
     greedy = G.Sampling(temperature=0)
     outs = [G.generate(d(model), [1, 5, 6], 50, greedy) for d in (G.WindowDecoder, G.CachedDecoder, G.decoder_for)]
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 50
-    assert isinstance(G.decoder_for(model), G.LlamaCPUDecoder)
+    assert isinstance(G.decoder_for(model), LlamaCPUDecoder)
 
 
 class Scripted(nn.Module):
@@ -178,10 +179,20 @@ def test_stats_rates():
     assert st.tokens_per_s == pytest.approx(11 / 1.5) and st.decode_tokens_per_s == pytest.approx(10.0)
 
 
-def test_classifier_thread_tuning_keeps_results():
-    tp = G.blas_threads().tuned()
-    rng = np.random.default_rng(0)
-    w, x = rng.normal(size=(500, 64)).astype(np.float32), rng.normal(size=64).astype(np.float32)
-    for _ in range(2 * G.TunedProduct.TRIALS + 2):
-        assert np.allclose(tp(w, x), w @ x, rtol=1e-5, atol=1e-5)
-    assert tp.threads is not None  # decided (0 = no BLAS thread control here)
+def test_decoder_choice_goes_by_the_model_protocol():
+    model = tiny()
+    assert isinstance(model.make_decoder(), LlamaCPUDecoder)  # CPU, fp32: the numpy step
+    half = tiny().to(torch.bfloat16)
+    assert half.make_decoder() is None and type(G.decoder_for(half)) is G.CachedDecoder
+    assert type(G.decoder_for(Scripted([0]))) is G.WindowDecoder  # a bare nn.Module: no cache
+
+
+def test_numpy_decoder_is_deterministic():
+    """No thread tuning or timing: the same prompt gives the same logits, bit for bit, on every run."""
+    model = tiny(kv=2)
+    ids = list(range(3, 30))
+    with torch.inference_mode():
+        runs = [torch.stack([LlamaCPUDecoder(model).logits(ids[:t]) for t in (5, 27)]) for _ in range(2)]
+        dec = LlamaCPUDecoder(model)
+        again = torch.stack([dec.logits(ids[:t]) for t in (5, 27)])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], again)

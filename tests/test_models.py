@@ -85,3 +85,25 @@ def test_flops_per_token_matches_palm_formula():
     m = tiny()
     c = m.config
     assert m.flops_per_token() == 6 * m.num_params() + 12 * c.n_layers * c.n_heads * c.head_dim * c.max_seq_len
+
+
+def test_build_hands_token_strings_to_the_families_that_take_them(monkeypatch):
+    import sys
+    import types
+
+    from toolkit.models import gpt2
+
+    rhymes = {"cat": "AE1 T", "hat": "AE1 T"}
+    fake = types.SimpleNamespace(phones_for_word=lambda w: [rhymes[w]] if w in rhymes else [],
+                                 rhyming_part=lambda phones: phones)
+    monkeypatch.setitem(sys.modules, "pronouncing", fake)
+    strings = [" cat", " hat", " sun"] + [f"<{i}>" for i in range(47)]
+    cfg = gpt2.Config(dim=32, n_layers=1, n_heads=4, vocab_size=50, max_seq_len=16, resonance=True,
+                      rhyme_init=True, phase_init_std=1.0)
+    torch.manual_seed(0)
+    w = models.build(cfg, token_strings=strings).phase.weight
+    assert (w[0] - w[1]).abs().max() < 0.5 and (w[0] - w[2]).abs().max() > 0.5  # cat and hat share a base
+    torch.manual_seed(0)
+    plain = models.build(cfg).phase.weight  # no strings: the random init
+    assert (plain[0] - plain[1]).abs().max() > 0.5
+    assert tiny().config.family == "llama" and models.build(tiny().config, token_strings=strings) is not None

@@ -18,6 +18,7 @@ from toolkit.shards.span_corruption import (
     SpanCorruption,
     SpecialIds,
     corrupt,
+    objective_for,
     reconstruct,
     span_mask,
 )
@@ -151,7 +152,7 @@ def test_decoder_starts_from_bos_and_no_attention_row_is_fully_masked():
     c = tiny_config()
     model = randomized(c)
     x = windows(4, 48)
-    obj = model.make_objective(0)
+    obj = objective_for(model.config, 0)
     enc, tgt, _ = obj.train_batch(x, 0, 0)
     enc[0, 10:] = IDS.pad  # a heavily padded row
     dec = model.decoder_input(torch.from_numpy(tgt))
@@ -184,7 +185,7 @@ def test_padding_in_the_encoder_changes_nothing_for_the_real_tokens():
 def test_seed_labels_switch_drops_eos_and_sentinels_from_the_loss():
     x = windows(2, 48)
     ours, seed = randomized(tiny_config()), randomized(tiny_config(loss_on_special=False, z_loss=0.0))
-    _, tgt, _ = ours.make_objective(0).train_batch(x, 0, 0)
+    _, tgt, _ = objective_for(ours.config, 0).train_batch(x, 0, 0)
     t = torch.from_numpy(tgt)
     kept = seed.loss_targets(t)
     special = (t == IDS.eos) | (t >= IDS.sentinel_start)
@@ -291,7 +292,7 @@ def test_t5_trains_logs_the_curriculum_and_resumes_exactly(tmp_path, capsys, one
     code, _, err = lmkit(capsys, "train", str(recipe), "--set", f"train.out_dir={part}", "--stop-after", "5")
     assert code == 0, err
     state = torch.load(part / "state.pt", weights_only=True)
-    assert state["objective"]["curriculum"]["updates"] == 5 * 8
+    assert state["sampler"]["objective"]["curriculum"]["updates"] == 5 * 8
     code, _, err = lmkit(capsys, "train", str(part), "--resume")
     assert code == 0, err
     final = {json.loads(line)["step"]: json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()}
@@ -319,7 +320,7 @@ def test_t5_refuses_a_tokenizer_without_sentinels(tmp_path, capsys):
 
 def test_the_loss_reaches_every_parameter_through_the_cross_attention():
     model = randomized(tiny_config()).train()
-    enc, tgt, _ = model.make_objective(0).train_batch(windows(4, 48), 0, 0)
+    enc, tgt, _ = objective_for(model.config, 0).train_batch(windows(4, 48), 0, 0)
     _, loss = model(torch.from_numpy(enc), torch.from_numpy(tgt))
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

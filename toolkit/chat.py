@@ -51,7 +51,7 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
         if tokenizer is not None:
             raise UserError("-z/--tokenizer is for a llama2.c .bin; a run folder has its own tokenizer/")
         run = load_run(path, device)
-        if hasattr(run.model, "condition"):
+        if run.model.is_encoder_decoder:
             raise UserError(f"{path} is a T5 span-denoising model, not a chat model: fill masked spans with "
                             "benchmarks/t5_denoise.py, or roll out audio with `lmkit audio rollout`")
         return Target(run.model, run.tokenizer, run.recipe, str(path))
@@ -61,6 +61,23 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
         opened = open_bin(path, tokenizer, device)
         return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
     raise UserError(f"not found: {path} (give a run folder or a llama2.c model.bin)")
+
+
+RUNC_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}  # run.c's defaults
+
+
+def sampling_for(target: Target, seed: int | None = None, **given) -> G.Sampling:
+    """The sampling settings for a target: what the user gave (None = not given), else the model family's own
+    sampler (e.g. BoggersTheLLM's top-k 28 and repeat penalties), else run.c's defaults."""
+    options = dict(RUNC_SAMPLING)
+    family = target.model.sampling_defaults()
+    if family:
+        options.update(family, top_p=1.0)
+    options.update({k: v for k, v in given.items() if v is not None})
+    try:
+        return G.Sampling(**options, seed=seed)
+    except ValueError as e:
+        raise UserError(f"sampling: {e}") from None
 
 
 @dataclass

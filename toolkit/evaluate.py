@@ -7,6 +7,7 @@ token stands for, so tokenizers with different vocabularies compare too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,26 +35,24 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, shards, split: str, seq_len: int, batch_size: int, max_batches: int, device,
              autocast_ctx=None, token_bytes: np.ndarray | None = None) -> EvalResult:
-    import contextlib
-
+    """Clean CE over the first `max_batches` x `batch_size` windows of `split`; a family's own metrics (the
+    model's `eval_forward`) come back in `extras`, per scored token. A span-corruption model (T5) is scored on the
+    windows corrupted with the fixed validation corruption; its targets hold sentinels, so no bits per byte."""
     was_training = model.training
     model.eval()
     total_loss, total_tokens, total_bytes, windows = 0.0, 0, 0, 0
-    # a family may report metrics of its own beside the clean CE: eval_extras(logits, targets) -> {name: sum}
-    extra_fn = getattr(model, "eval_extras", None)
     extras: dict[str, float] = {}
-    byte_table = torch.as_tensor(token_bytes, device=device) if token_bytes is not None else None
-    # a family with an objective of its own (T5 denoising) makes its fixed eval batches from the windows; its
-    # targets hold sentinels, so bits per byte does not apply
-    eval_batch = getattr(model, "eval_batch", None)
-    if eval_batch is not None:
-        byte_table = None
+    span_corruption = model.objective == "span_corruption"
+    byte_table = torch.as_tensor(token_bytes, device=device) if token_bytes is not None and not span_corruption \
+        else None
     for i, (x, y) in enumerate(eval_windows(shards, split, seq_len, batch_size, max_batches)):
-        if eval_batch is not None:
-            x, y = eval_batch(x, i)
+        if span_corruption:
+            from toolkit.shards.span_corruption import eval_batch
+
+            x, y = eval_batch(model.config, x, i)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with autocast_ctx or contextlib.nullcontext():
-            logits, _ = model(x, y) if eval_batch is not None else model(x)
+            logits, batch_extras = model.eval_forward(x, y)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none",
                                  ignore_index=-1)
         valid = y >= 0  # targets masked out (-1, e.g. prompts in chat data) are not counted
@@ -62,9 +61,8 @@ def evaluate(model, shards, split: str, seq_len: int, batch_size: int, max_batch
         windows += x.shape[0]
         if byte_table is not None:
             total_bytes += (byte_table[y.clamp(min=0)] * valid).sum().item()
-        if extra_fn is not None:
-            for name, value in extra_fn(logits, y).items():
-                extras[name] = extras.get(name, 0.0) + float(value)
+        for name, value in batch_extras.items():
+            extras[name] = extras.get(name, 0.0) + float(value)
     model.train(was_training)
     loss = total_loss / total_tokens
     bpb = total_loss / (math.log(2) * total_bytes) if total_bytes else None

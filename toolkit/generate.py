@@ -1,12 +1,10 @@
 """The one generation loop: a decoder gives next-token logits, `sample` picks a token, `stream` yields them.
 
-Decoders (`decoder_for(model)`):
-- `CachedDecoder`: models with `new_cache` (KV cache). Work for a prompt prefix already in the cache is
-  reused, so a chat turn only runs its new tokens.
-- `LlamaCPUDecoder`: the same for toolkit.models.llama on CPU at batch 1, with the one-token step done in
-  numpy on the model's own weights and cache (no copies). PyTorch's per-op overhead and MKL's gemv on
-  AMD CPUs made the torch step 2.5-3x slower than run.c; this one is on a par with it, both bound by
-  memory bandwidth (benchmarks/generate.py).
+A decoder is an object with `logits(ids)` (the next-token logits after `ids`), `max_len` and `sliding`.
+`decoder_for(model)` picks one through the model protocol (toolkit.models.base):
+- the family's own, `model.make_decoder()` (llama on CPU: a numpy one-token step, toolkit.models.llama_cpu);
+- `CachedDecoder` (toolkit.models.common): models with a KV cache (`new_cache`). Work for a prompt prefix
+  already in the cache is reused, so a chat turn only runs its new tokens;
 - `WindowDecoder`: any other causal model: recompute over the last max_seq_len tokens each step.
 
 `TextStream` turns the token stream into text pieces that never split a UTF-8 character (byte-fallback
@@ -18,11 +16,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
+from torch import nn
+
+from toolkit.models.base import LanguageModel
+from toolkit.models.common import CachedDecoder
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,6 @@ class Stats:
 # decoders
 
 
-def _common_prefix(a: list[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == list(b[:n]):
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class WindowDecoder:
     """Recompute over the last `max_len` tokens for each new token (models without a KV cache)."""
 
@@ -113,190 +103,18 @@ class WindowDecoder:
         return out[0, -1]
 
 
-class CachedDecoder:
-    """A KV cache of max_seq_len positions; `logits(ids)` runs only what is not in the cache yet."""
-
-    sliding = False
-
-    def __init__(self, model):
-        self.model = model
-        self.max_len = model.config.max_seq_len
-        self.device = next(model.parameters()).device
-        self.cache = model.new_cache(1, self.max_len)
-        self.done: list[int] = []  # the tokens whose keys and values are in the cache
-
-    def _forward(self, new: list[int], pos: int) -> torch.Tensor:
-        idx = torch.tensor([new], dtype=torch.long, device=self.device)
-        return self.model(idx, cache=self.cache, pos=pos)[0][0, -1]
-
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
-        if len(ids) > self.max_len:
-            raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_len}")
-        n = min(_common_prefix(self.done, ids), len(ids) - 1)
-        self.done = self.done[:n]  # an interrupted forward leaves positions >= n half-written
-        out = self._forward(list(ids[n:]), n)
-        self.done = list(ids)
-        return out
-
-
-class _BlasThreads:
-    """Sets the thread count of numpy's bundled OpenBLAS (a no-op where it is not found). The small per-layer
-    products run on one thread: waking workers for each costs more than it saves, and on a busy machine it
-    made the whole step 3.5x slower. The vocabulary-sized product is tuned (TunedProduct). The setting is
-    process-wide and is left as the decoder last set it (switching back and forth costs too)."""
-
-    def __init__(self):
-        self.set = self.get = None
-        self.default = 0
-        try:
-            import ctypes
-
-            libdir = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-            for path in sorted(libdir.glob("lib*openblas*.so*")):
-                lib = ctypes.CDLL(str(path))
-                for prefix in ("scipy_openblas", "openblas"):
-                    for suffix in ("64_", ""):
-                        setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                        getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                        if setter is not None and getter is not None:
-                            self.set, self.get = setter, getter
-                            self.default = self.current = int(getter())
-                            return
-        except (OSError, AttributeError, ValueError):
-            pass
-
-    def __call__(self, n: int) -> None:
-        if self.set is not None and n != self.current:
-            self.set(n)
-            self.current = n
-
-    def tuned(self) -> TunedProduct:
-        return TunedProduct(self)
-
-
-_BLAS: _BlasThreads | None = None
-
-
-def blas_threads() -> _BlasThreads:
-    """The process's one _BlasThreads, made before any decoder changed the count (its `default`)."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _BlasThreads()
-    return _BLAS
-
-
-class TunedProduct:
-    """`w @ x` on 1 or the default number of BLAS threads: every RETUNE calls, a few calls on each are timed and
-    the default is kept only if clearly faster (a busy core makes extra threads far slower, an idle one makes
-    them somewhat faster, so the choice leans to one thread and is revisited as the load changes)."""
-
-    TRIALS, RETUNE, MARGIN = 3, 256, 0.8
-
-    def __init__(self, blas: _BlasThreads):
-        self.blas = blas
-        self.options = (1, blas.default) if blas.set is not None and blas.default > 1 else ()
-        self.calls = 0
-        self.threads = 0 if not self.options else None
-        self.times: dict[int, list[float]] = {n: [] for n in self.options}
-
-    def __call__(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        if self.options and self.calls % self.RETUNE == 0:
-            self.threads, self.times = None, {n: [] for n in self.options}
-        if self.threads is not None:
-            if self.threads:
-                self.blas(self.threads)
-            return w @ x
-        n = min(self.times, key=lambda k: len(self.times[k]))  # alternate until each has TRIALS timings
-        self.blas(n)
-        t0 = time.perf_counter()
-        out = w @ x
-        self.times[n].append(time.perf_counter() - t0)
-        if all(len(t) >= self.TRIALS for t in self.times.values()):
-            one, many = min(self.times[1]), min(self.times[self.blas.default])
-            self.threads = self.blas.default if many < self.MARGIN * one else 1
-        return out
-
-
-class LlamaCPUDecoder(CachedDecoder):
-    """CachedDecoder for toolkit.models.llama on CPU, fp32, batch 1: one-token steps run in numpy on views of
-    the model's weights and KV cache. Prompts of more than NUMPY_PREFILL tokens go through the model's own
-    forward in one batch; shorter ones token by token in numpy (the first PyTorch matmul of a process costs
-    a second of MKL start-up on a busy machine, more than a short prompt)."""
-
-    NUMPY_PREFILL = 64
-
-    def __init__(self, model):
-        super().__init__(model)
-        c = model.config
-        self.c = c
-        self.rep = c.n_heads // c.kv_heads
-        self.scale = 1.0 / math.sqrt(c.head_dim)
-
-        def w(t):
-            return t.detach().numpy()
-
-        self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), w(model.output.weight)
-        self.layers = []
-        for i, b in enumerate(model.layers):
-            a, f = b.attention, b.feed_forward
-            self.layers.append((w(b.attention_norm.weight), w(a.wq.weight), w(a.wk.weight), w(a.wv.weight),
-                                w(a.wo.weight), w(b.ffn_norm.weight), w(f.w1.weight), w(f.w2.weight),
-                                w(f.w3.weight), self.cache.k[i][0].numpy(), self.cache.v[i][0].numpy()))
-        angles = model.rope_cos.numpy() + 1j * model.rope_sin.numpy()
-        self.rope = angles.astype(np.complex64)  # (max_len, head_dim/2): x[2i] + i x[2i+1] times this
-        self.eps = float(c.norm_eps)
-        self.blas = blas_threads()
-        self.classifier = self.blas.tuned()
-
-    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x * weight * (1.0 / math.sqrt(float(np.dot(x, x)) / x.size + self.eps))
-
-    def _forward(self, new: list[int], pos: int) -> torch.Tensor:
-        if len(new) > self.NUMPY_PREFILL:
-            return super()._forward(new, pos)
-        for i, token in enumerate(new[:-1]):
-            self._step(token, pos + i, logits=False)
-        return self._step(new[-1], pos + len(new) - 1)
-
-    def _step(self, token: int, pos: int, logits: bool = True) -> torch.Tensor | None:
-        c, rep, hd = self.c, self.rep, self.c.head_dim
-        rope = self.rope[pos]
-        x = self.emb[token].copy()
-        self.blas(1)
-        for an, wq, wk, wv, wo, fn, w1, w2, w3, kc, vc in self.layers:
-            xb = self._rms(x, an)
-            q = ((wq @ xb).view(np.complex64).reshape(c.n_heads, -1) * rope).view(np.float32)
-            k = ((wk @ xb).view(np.complex64).reshape(c.kv_heads, -1) * rope).view(np.float32)
-            kc[:, pos] = k
-            vc[:, pos] = (wv @ xb).reshape(c.kv_heads, hd)
-            q = q.reshape(c.kv_heads, rep, hd)  # query head h uses key/value head h // rep
-            att = np.matmul(q, kc[:, : pos + 1].transpose(0, 2, 1))  # (kv_heads, rep, pos + 1)
-            att = np.exp((att - att.max(axis=-1, keepdims=True)) * self.scale)
-            att /= att.sum(axis=-1, keepdims=True)
-            y = np.matmul(att, vc[:, : pos + 1]).reshape(-1)
-            x += wo @ y
-            xb = self._rms(x, fn)
-            h = w1 @ xb
-            x += w2 @ (h / (np.float32(1.0) + np.exp(-h)) * (w3 @ xb))
-        if not logits:
-            return None
-        return torch.from_numpy(self.classifier(self.wcls, self._rms(x, self.norm)))
-
-
-def decoder_for(model):
-    """The fastest decoder this model supports; a family may bring its own (`model.make_decoder()`, an object
-    with `logits(ids)`, `max_len` and `sliding`)."""
+def decoder_for(model: nn.Module):
+    """The model's own decoder (`make_decoder()`), else a CachedDecoder if it has a KV cache (`new_cache`), else
+    a WindowDecoder. A module that is not a LanguageModel has the protocol's defaults: no cache."""
     model.eval()
-    if hasattr(model, "make_decoder"):
-        return model.make_decoder()
-    if not hasattr(model, "new_cache"):
+    if not isinstance(model, LanguageModel):
         return WindowDecoder(model)
-    p = next(model.parameters())
-    if (getattr(model.config, "family", None) == "llama" and p.device.type == "cpu" and p.dtype == torch.float32
-            and type(model).__module__ == "toolkit.models.llama"):
-        return LlamaCPUDecoder(model)
-    return CachedDecoder(model)
+    dec = model.make_decoder()
+    if dec is not None:
+        return dec
+    if model.new_cache(1, 1) is not None:  # a one-position cache: cheap to make, says whether there is one
+        return CachedDecoder(model)
+    return WindowDecoder(model)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,7 +159,7 @@ def stream(model_or_decoder, prompt_ids: Sequence[int], max_new_tokens: int = 25
     """Yield new token ids after `prompt_ids`, one forward each, until a stop id (not yielded), max_new_tokens
     or, for a KV-cache model, the end of its context. A prompt longer than the context is cut from the left.
     `stats` (if given) is filled in as it goes; closing the generator early records "interrupted"."""
-    dec = model_or_decoder if hasattr(model_or_decoder, "logits") else decoder_for(model_or_decoder)
+    dec = decoder_for(model_or_decoder) if isinstance(model_or_decoder, nn.Module) else model_or_decoder
     stats = stats if stats is not None else Stats()
     generator = generator if generator is not None else make_generator(sampling.seed)
     ids = list(prompt_ids)

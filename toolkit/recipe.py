@@ -18,6 +18,7 @@ import tomli_w
 import tomllib
 
 from toolkit.errors import RecipeError, UserError, check, check_choice  # noqa: F401 (configs use them)
+from toolkit.fsio import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -357,9 +358,7 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def save(recipe: Recipe, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(recipe.to_toml(), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, recipe.to_toml())
 
 
 def shipped() -> list[Path]:

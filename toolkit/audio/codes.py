@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 
 REQUIRED = ("codes", "sample_rate", "frame_rate", "bandwidth", "num_samples", "duration", "codec", "source", "sha256")
 SEED_KEYS = ("tokens", "sample_rate", "frame_rate", "target_bandwidth")
@@ -47,16 +48,15 @@ class CodeFile:
 
 
 def save_codes(path: str | Path, cf: CodeFile) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: numpy adds no second .npz suffix
-        np.savez_compressed(
-            f, codes=np.asarray(cf.codes, dtype=np.int16), sample_rate=np.int64(cf.sample_rate),
-            frame_rate=np.float64(cf.frame_rate), bandwidth=np.float64(cf.bandwidth),
-            num_samples=np.int64(cf.num_samples), duration=np.float64(cf.duration), codec=np.str_(cf.codec),
-            source=np.str_(cf.source), source_path=np.str_(cf.source_path), sha256=np.str_(cf.sha256))
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy adds no second .npz suffix
+            np.savez_compressed(
+                f, codes=np.asarray(cf.codes, dtype=np.int16), sample_rate=np.int64(cf.sample_rate),
+                frame_rate=np.float64(cf.frame_rate), bandwidth=np.float64(cf.bandwidth),
+                num_samples=np.int64(cf.num_samples), duration=np.float64(cf.duration), codec=np.str_(cf.codec),
+                source=np.str_(cf.source), source_path=np.str_(cf.source_path), sha256=np.str_(cf.sha256))
+
+    atomic_write(path, write)
 
 
 def _scalar(data, key: str, path: Path, kind):

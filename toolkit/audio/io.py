@@ -9,6 +9,7 @@ import numpy as np
 
 from toolkit.audio import AUDIO_SUFFIXES
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 
 BLOCK_FRAMES = 1 << 20  # frames read per block: the file is never held at its own rate and channel count
 
@@ -62,10 +63,8 @@ def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
     if fmt is None:
         raise UserError(f"{path}: unknown audio format {path.suffix!r}; use .wav or .flac")
     subtype = "PCM_16" if fmt in ("WAV", "FLAC", "AIFF") else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt,
+                                            subtype=subtype))
 
 
 def sha256_file(path: Path) -> str:

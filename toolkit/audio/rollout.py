@@ -21,7 +21,6 @@ Only the codebook0 layout (the seed's) is supported so far.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from toolkit import console
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def check_model(run) -> None:
     if tok.layout != "codebook0":
         raise UserError(f"{run.path}: audio layout {tok.layout!r} is not supported by rollout yet (only \"codebook0\", "
                         "the seed's)")
-    if not hasattr(run.model, "condition"):
+    if not run.model.is_encoder_decoder:
         raise UserError(f"{run.path} is a {run.recipe.model.family} model; rollout needs a T5 encoder-decoder "
                         "(model family \"t5\")")
 
@@ -250,14 +250,16 @@ def rollout(run_dir: Path, out: Path, s: RolloutSettings, audio_path: Path | Non
     padded = np.full((s.samples, 1, frames.max()), -1, dtype=np.int16)
     for i, c in enumerate(codes):
         padded[i, :, : c.shape[1]] = c
-    tmp = out / f"{stem}_rollout.npz.tmp"
-    with open(tmp, "wb") as f:  # numpy arrays only (no pickles); tapes[i, :, :tape_frames[i]] is sample i
-        np.savez_compressed(f, tapes=padded, tape_frames=frames, prompts=np.stack(prompt_codes),
-                            modes=np.array([e["mode"] for e in log]),
-                            new_tokens=np.array([e["new_tokens"] for e in log], dtype=np.int64).reshape(-1, s.samples),
-                            sample_rate=np.int64(codec.sample_rate), frame_rate=np.float64(codec.frame_rate),
-                            codec=np.str_(codec.name))
-    tmp.replace(out / f"{stem}_rollout.npz")
+    def write_tapes(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # numpy arrays only (no pickles); tapes[i, :, :tape_frames[i]] is sample i
+            np.savez_compressed(f, tapes=padded, tape_frames=frames, prompts=np.stack(prompt_codes),
+                                modes=np.array([e["mode"] for e in log]),
+                                new_tokens=np.array([e["new_tokens"] for e in log],
+                                                    dtype=np.int64).reshape(-1, s.samples),
+                                sample_rate=np.int64(codec.sample_rate), frame_rate=np.float64(codec.frame_rate),
+                                codec=np.str_(codec.name))
+
+    atomic_write(out / f"{stem}_rollout.npz", write_tapes)
 
     generated = float((frames - s.prompt_length).sum() / codec.frame_rate)
     report = {
@@ -268,5 +270,5 @@ def rollout(run_dir: Path, out: Path, s: RolloutSettings, audio_path: Path | Non
         "generate_seconds": round(gen_seconds, 3), "wall_seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_audio_second": round(gen_seconds / generated, 3) if generated > 0 else None,
     }
-    (out / "rollout.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "rollout.json", report)
     return report

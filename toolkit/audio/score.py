@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 
 EPS = 1e-8
 
@@ -215,9 +216,6 @@ def score_code_files(paths: list[Path], out: Path, cfg: ScoreConfig = ScoreConfi
             on_file(path, cf)
     table = pa.concat_tables(tables)
     table = table.replace_schema_metadata({"lmkit.score": json.dumps(asdict(cfg))})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
     return {"files": len(paths), "chunks": table.num_rows,
             "silent": int(np.asarray(table.column("silent")).sum())}

@@ -34,7 +34,6 @@ def chat(
     """Chat with a model: a REPL with history and /commands; a base model continues your text, a fine-tuned
     one answers in its chat template. With --prompt or piped stdin: one reply on stdout, for scripts."""
     from toolkit import chat as chat_lib
-    from toolkit import generate as G
     from toolkit.device import resolve_device
 
     if steps <= 0:
@@ -47,17 +46,10 @@ def chat(
         if not text.strip():
             raise UserError("stdin is empty; give a prompt with --prompt TEXT or pipe some text in")
     t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
-    # the model family's own sampler (e.g. BoggersTheLLM's top-k 28 + repeat penalties), then run.c's defaults
-    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}
-    if hasattr(t.model, "sampling_defaults"):
-        defaults.update(t.model.sampling_defaults(), top_p=1.0)
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repeat_penalty": repeat_penalty}
-    options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-    options["temperature"] = max(options["temperature"], 0.0)
-    try:
-        sampling = G.Sampling(**options, seed=seed)
-    except ValueError as e:
-        raise UserError(f"sampling: {e}") from None
+    if temperature is not None and temperature < 0:
+        raise UserError(f"--temperature {temperature}: expected 0 (greedy) or more")
+    sampling = chat_lib.sampling_for(t, seed=seed, **given)
     if system and not t.template:
         info("--system is ignored: a base model (no chat template in its recipe) runs in completion mode")
     session = chat_lib.Session(t, sampling, steps, system, t.template)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from toolkit.data.sources import folder_files, read_jsonl, read_text
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 
 ROLES = ("system", "user", "assistant")
 QUESTION_TEMPLATES = [
@@ -103,16 +104,17 @@ def write_conversations(conversations, out: Path, style: str = "array", overwrit
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for conv in conversations:
-            row = conv if style == "array" else {"messages": conv}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    if n == 0:
-        tmp.unlink()
-        raise UserError("no conversations were made (are the markdown paragraphs longer than 50 characters?)")
-    tmp.replace(out)
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
+            for conv in conversations:
+                row = conv if style == "array" else {"messages": conv}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        if n == 0:
+            raise UserError("no conversations were made (are the markdown paragraphs longer than 50 characters?)")
+
+    atomic_write(out, write)
     return n

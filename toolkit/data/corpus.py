@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from toolkit.errors import UserError
+from toolkit.fsio import build_atomically
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -33,56 +33,52 @@ def write_corpus(docs: Iterable[str], out_dir: Path, val_fraction: float, source
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise UserError(f"{out_dir} already holds a corpus; remove it or pass --force to replace it")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    k = max(2, round(1.0 / val_fraction))
-    counts = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
-    digest = hashlib.sha256()
-    held: str | None = None  # one document of look-ahead, so the last can still go to val
-    n = 0
-    with open(tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, open(tmp / "val.jsonl", "w",
-                                                                          encoding="utf-8") as fval:
-        files = {"train": ftrain, "val": fval}
 
-        def put(split: str, text: str):
-            counts[split]["documents"] += 1
-            counts[split]["chars"] += len(text)
-            counts[split]["bytes"] += _write_line(files[split], split, text, digest)
+    def build(tmp: Path) -> dict:
+        k = max(2, round(1.0 / val_fraction))
+        counts = {s: {"documents": 0, "chars": 0, "bytes": 0} for s in SPLITS}
+        digest = hashlib.sha256()
+        held: str | None = None  # one document of look-ahead, so the last can still go to val
+        n = 0
+        with open(tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, open(tmp / "val.jsonl", "w",
+                                                                              encoding="utf-8") as fval:
+            files = {"train": ftrain, "val": fval}
 
-        for doc in docs:
-            if held is not None:
+            def put(split: str, text: str):
+                counts[split]["documents"] += 1
+                counts[split]["chars"] += len(text)
+                counts[split]["bytes"] += _write_line(files[split], split, text, digest)
+
+            for doc in docs:
+                if held is not None:
+                    put("val" if (n - 1) % k == k - 1 else "train", held)
+                held = doc
+                n += 1
+            if held is None:
+                raise UserError(f"the source {source!r} gave no documents (empty files or folder?)")
+            if n == 1:  # one long document: split by position
+                cut = max(1, int(len(held) * (1 - val_fraction)))
+                if len(held) < 2:
+                    raise UserError(f"the source {source!r} has a single document of {len(held)} character(s): too small")
+                put("train", held[:cut])
+                put("val", held[cut:])
+            elif counts["val"]["documents"] == 0:
+                put("val", held)
+            else:
                 put("val" if (n - 1) % k == k - 1 else "train", held)
-            held = doc
-            n += 1
-        if held is None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"the source {source!r} gave no documents (empty files or folder?)")
-        if n == 1:  # one long document: split by position
-            cut = max(1, int(len(held) * (1 - val_fraction)))
-            if len(held) < 2:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise UserError(f"the source {source!r} has a single document of {len(held)} character(s): too small")
-            put("train", held[:cut])
-            put("val", held[cut:])
-        elif counts["val"]["documents"] == 0:
-            put("val", held)
-        else:
-            put("val" if (n - 1) % k == k - 1 else "train", held)
-    manifest = {
-        "source": source,
-        "documents": {s: counts[s]["documents"] for s in SPLITS},
-        "chars": {s: counts[s]["chars"] for s in SPLITS},
-        "bytes": {s: counts[s]["bytes"] for s in SPLITS},  # UTF-8, for bits per byte
-        "val_fraction": val_fraction,
-        "sha256": digest.hexdigest(),
-        "config": config or {},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return manifest
+        manifest = {
+            "source": source,
+            "documents": {s: counts[s]["documents"] for s in SPLITS},
+            "chars": {s: counts[s]["chars"] for s in SPLITS},
+            "bytes": {s: counts[s]["bytes"] for s in SPLITS},  # UTF-8, for bits per byte
+            "val_fraction": val_fraction,
+            "sha256": digest.hexdigest(),
+            "config": config or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+
+    return build_atomically(out_dir, build)
 
 
 def build_corpus(cfg, out_dir: Path, overwrite: bool = False) -> dict:

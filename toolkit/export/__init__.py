@@ -17,6 +17,7 @@ from pathlib import Path
 from toolkit.console import info
 from toolkit.errors import UserError
 from toolkit.export import llama2c
+from toolkit.fsio import atomic_write_bytes, atomic_write_json
 
 FORMATS = {"v0": 0, "v1": 1, "v2": 2}
 SIDECAR_FORMAT = "lmkit-llama2c-sidecar/1"
@@ -151,9 +152,7 @@ def export_run(run_path: Path, out: Path, fmt: str = "v0", group_size: int = 0, 
     for name, data in files.items():
         path = out.parent / name
         if not path.exists() or path.read_bytes() != data:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write_bytes(path, data)
         written.append(path)
     side = {
         "format": SIDECAR_FORMAT,
@@ -168,9 +167,7 @@ def export_run(run_path: Path, out: Path, fmt: str = "v0", group_size: int = 0, 
         "source": str(run.path),
         "recipe": run.recipe.to_dict(),
     }
-    tmp = side_path.with_name(side_path.name + ".tmp")
-    tmp.write_text(json.dumps(side, indent=2) + "\n")
-    tmp.replace(side_path)
+    atomic_write_json(side_path, side)
     written.append(side_path)
     return Exported(out, header, written, warnings)
 

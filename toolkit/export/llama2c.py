@@ -15,7 +15,6 @@ rotates interleaved pairs like run.c: no permutation is needed.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 
 MAGIC = 0x616B3432  # "ak42"
 V1_HEADER = 256
@@ -167,7 +167,7 @@ def pack_header(h: Header) -> bytes:
 
 
 def _rope(h: Header, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    from toolkit.models.llama import rope_tables
+    from toolkit.models.common import rope_tables
 
     cos, sin = rope_tables(h.head_size, h.seq_len, theta)
     return cos.numpy(), sin.numpy()
@@ -184,29 +184,28 @@ def write_bin(path: Path, h: Header, tensors: dict[str, torch.Tensor], rope_thet
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)}, header says {shape}")
         arrays[name] = t.numpy()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(pack_header(h))
-        if h.version == 0:
-            cos, sin = _rope(h, rope_theta)
-            arrays["freq_cos"], arrays["freq_sin"] = cos, sin
-            for name in v0_order(h):
-                arrays[name].tofile(f)
-        else:
-            for name in v1_norms(h):
-                arrays[name].tofile(f)
-            for name in v1_matrices(h):
-                if h.version == 1:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(pack_header(h))
+            if h.version == 0:
+                cos, sin = _rope(h, rope_theta)
+                arrays["freq_cos"], arrays["freq_sin"] = cos, sin
+                for name in v0_order(h):
                     arrays[name].tofile(f)
-                else:
-                    q, s = quantize_q80(arrays[name], h.group_size)
-                    q.tofile(f)
-                    s.tofile(f)
-    if tmp.stat().st_size != expected_size(h):  # a bug here would make run.c read garbage: fail loudly
-        tmp.unlink()
-        raise AssertionError(f"wrote {tmp.stat().st_size} bytes, expected {expected_size(h)}")
-    os.replace(tmp, path)
+            else:
+                for name in v1_norms(h):
+                    arrays[name].tofile(f)
+                for name in v1_matrices(h):
+                    if h.version == 1:
+                        arrays[name].tofile(f)
+                    else:
+                        q, s = quantize_q80(arrays[name], h.group_size)
+                        q.tofile(f)
+                        s.tofile(f)
+        if tmp.stat().st_size != expected_size(h):  # a bug here would make run.c read garbage: fail loudly
+            raise AssertionError(f"wrote {tmp.stat().st_size} bytes, expected {expected_size(h)}")
+
+    atomic_write(path, write)
 
 
 def export_model(model, path: Path, version: int = 0, group_size: int = 0) -> Header:

@@ -6,7 +6,9 @@ Shared pieces (KV cache, RoPE tables, masks) are in `toolkit.models.common`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import replace
+from typing import Sequence
 
 FAMILIES = {
     "llama": "toolkit.models.llama",
@@ -25,8 +27,12 @@ def config_class(family: str):
     return module(family).Config
 
 
-def build(config, vocab_size: int | None = None):
-    """Build the model; a config with vocab_size 0 takes the tokenizer's `vocab_size`."""
+def build(config, vocab_size: int | None = None, token_strings: Sequence[str] | None = None):
+    """Build the model; a config with vocab_size 0 takes the tokenizer's `vocab_size`. `token_strings` (the
+    text of each token id) go to the families whose Model takes them (gpt2's rhyme init); the others ignore them."""
     if getattr(config, "vocab_size", None) == 0 and vocab_size:
         config = replace(config, vocab_size=vocab_size)
-    return module(config.family).Model(config)
+    cls = module(config.family).Model
+    if token_strings is not None and "token_strings" in inspect.signature(cls).parameters:
+        return cls(config, token_strings=token_strings)
+    return cls(config)

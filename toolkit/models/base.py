@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -64,6 +65,13 @@ class LanguageModel(nn.Module):
     def scored_tokens(self, seq_len: int) -> int:
         """Positions per training row that the loss scores (attractor A1 scores 1 of its window)."""
         return seq_len
+
+    @torch.no_grad()
+    def row_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each row's mean cross-entropy over its targets != -1: the feedback a sampler may ask for (T5's curriculum)."""
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                    reduction="none").view(targets.shape)
+        return per_token.sum(-1) / (targets >= 0).sum(-1).clamp(min=1)
 
     def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Eval logits for (x, y), and metrics of the family's own as {name: sum over scored tokens}."""

@@ -15,8 +15,9 @@ baseline's N(0, 1) position table (the fair default is N(0, 0.02), as the resona
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from toolkit.errors import check, check_choice
 from toolkit.models.base import LanguageModel
+from toolkit.models.common import KVCache, additive_mask, causal_mask
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Config:
     resonance_bias: str = "phase"  # phase (mean cos of phase differences) | same_token (R = I) | none
     phase_blend: bool = True  # blend the projected phases into the input embedding
     freeze_phases: bool = False
-    rhyme_init: bool = False  # CMU-dictionary rhyme groups (needs `pronouncing` and the GPT-2 vocabulary)
+    rhyme_init: bool = False  # CMU-dictionary rhyme groups (needs `pronouncing` and the tokenizer's token strings)
 
     def __post_init__(self):
         check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim", "positive dim, n_layers, n_heads")
@@ -77,22 +79,6 @@ class Config:
         return self.resonance and self.resonance_bias != "none"
 
 
-class KVCache:
-    """Per-layer keys/values (B, H, max_len, head_dim), plus what the resonance bias needs of every cached
-    position: its phase features u (B, max_len, 2F), or its token id for the same-token bias."""
-
-    def __init__(self, config: Config, batch: int, max_len: int, device, dtype):
-        shape = (batch, config.n_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.feats = None
-        if config.uses_bias and config.resonance_bias == "phase":
-            self.feats = torch.zeros(batch, max_len, 2 * config.n_frequencies, device=device, dtype=torch.float32)
-        elif config.uses_bias:
-            self.feats = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-        self.max_len = max_len
-
-
 def phase_features(phases: torch.Tensor) -> torch.Tensor:
     """u = [cos phi, sin phi] / sqrt(F), so that u_i . u_j = mean_f cos(phi_i,f - phi_j,f)."""
     n = phases.shape[-1]
@@ -119,9 +105,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            cache.k[layer][:, :, pos : pos + T] = k
-            cache.v[layer][:, :, pos : pos + T] = v
-            k, v = cache.k[layer][:, :, : pos + T], cache.v[layer][:, :, : pos + T]
+            k, v = cache.update(layer, pos, k, v)
         dropout = self.dropout if self.training else 0.0
         if self.res_lambda is not None:
             # scores = q k^T / sqrt(d) + lambda_h R, then the causal mask: one additive float mask for SDPA
@@ -160,7 +144,9 @@ class Block(nn.Module):
 
 
 class Model(LanguageModel):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, token_strings: Sequence[str] | None = None):
+        """`token_strings`: the text of each token id (the tokenizer's), for `rhyme_init`; without them (a model
+        built to load weights into) the phases keep their random init."""
         super().__init__()
         assert config.vocab_size > 0, "vocab_size must be resolved before building"
         self.config = c = config
@@ -182,7 +168,7 @@ class Model(LanguageModel):
         if self.phase is not None:
             nn.init.normal_(self.phase.weight, 0.0, c.phase_init_std)
             if c.rhyme_init:
-                rhyme_phase_init(self.phase.weight, c.phase_init_std)
+                rhyme_phase_init(self.phase.weight, c.phase_init_std, token_strings)
             self.phase.weight.requires_grad_(not c.freeze_phases)
 
     @staticmethod
@@ -208,15 +194,15 @@ class Model(LanguageModel):
         else:
             feats = idx
         if cache is not None:
-            cache.feats[:, pos : pos + T] = feats
-            feats_k = cache.feats[:, : pos + T]
+            cache.extra["feats"][:, pos : pos + T] = feats
+            feats_k = cache.extra["feats"][:, : pos + T]
         else:
             feats_k = feats
         if c.resonance_bias == "phase":
             R = feats @ feats_k.transpose(1, 2)
         else:
             R = (feats.unsqueeze(2) == feats_k.unsqueeze(1)).float()
-        return R, causal_mask(T, pos, idx.device)
+        return R, additive_mask(causal_mask(T, pos + T, idx.device))
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, pos: int = 0):
         T = idx.shape[1]
@@ -226,10 +212,8 @@ class Model(LanguageModel):
         R = causal = None
         if self.config.uses_bias:
             R, causal = self.resonance_bias(idx, cache, pos)
-        elif cache is not None and pos > 0 and T > 1:  # a chunk after cached tokens: query i sees keys <= pos + i
-            causal = causal_mask(T, pos, idx.device)
-        elif cache is not None and T == 1:
-            causal = torch.zeros(1, pos + 1, device=idx.device)
+        elif cache is not None and (pos > 0 or T == 1):  # after cached tokens: query i sees keys <= pos + i
+            causal = additive_mask(causal_mask(T, pos + T, idx.device))
         for i, block in enumerate(self.blocks):
             x = block(x, R, causal, cache, i, pos)
         logits = self.lm_head(self.ln_f(x))
@@ -239,9 +223,16 @@ class Model(LanguageModel):
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
-
+        """Keys and values per layer, plus (extra "feats") what the resonance bias needs of every cached position:
+        its phase features u (B, max_len, 2F), or its token id for the same-token bias."""
+        c, p = self.config, self.tok_emb.weight
+        max_len, device = max_len or c.max_seq_len, device or p.device
+        feats = None
+        if c.uses_bias and c.resonance_bias == "phase":
+            feats = torch.zeros(batch, max_len, 2 * c.n_frequencies, device=device, dtype=torch.float32)
+        elif c.uses_bias:
+            feats = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        return KVCache(c.n_layers, batch, c.n_heads, c.head_dim, max_len, device, dtype or p.dtype, feats=feats)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N over the parameters used in matmuls (not the
@@ -254,17 +245,6 @@ class Model(LanguageModel):
         if c.uses_bias and c.resonance_bias == "phase":
             flops += 3 * 2 * (2 * c.n_frequencies) * T
         return flops
-
-    @torch.no_grad()
-    def blend_mix(self) -> float | None:
-        """Mean sigmoid(blend): the share of the phase path in the input (the seed logged it)."""
-        return None if self.blend is None else torch.sigmoid(self.blend).mean().item()
-
-
-def causal_mask(T: int, pos: int, device) -> torch.Tensor:
-    """Additive (T, pos + T) mask: query i (at position pos + i) sees keys 0..pos + i."""
-    allowed = torch.ones(T, pos + T, dtype=torch.bool, device=device).tril(diagonal=pos)
-    return torch.zeros(T, pos + T, device=device).masked_fill(~allowed, float("-inf"))
 
 
 def rhyme_groups(token_strings: list[str], rhyming_part) -> dict[str, list[int]]:
@@ -291,27 +271,22 @@ def apply_rhyme_groups(weight: torch.Tensor, groups: dict[str, list[int]], std: 
             weight[torch.tensor(ids)] = (base + noise).to(weight)
 
 
-def rhyme_phase_init(weight: torch.Tensor, std: float) -> bool:
-    """Rhyme-group init with the CMU dictionary (`pronouncing`) over GPT-2's vocabulary; keeps the random
-    init (and says so) when `pronouncing` is not installed or the vocabulary is not GPT-2's."""
-    from toolkit.console import info
-
+def rhyme_phase_init(weight: torch.Tensor, std: float, token_strings: Sequence[str] | None) -> bool:
+    """Rhyme-group init with the CMU dictionary (`pronouncing`) over the given token strings (id i's text at
+    index i). Keeps the random init: silently without strings (a model built to load trained weights into), with
+    a warning when `pronouncing` is not installed."""
+    if token_strings is None:
+        return False
     try:
         import pronouncing
     except ImportError:
-        info("rhyme_init: the `pronouncing` package is not installed; phases keep their random init")
-        return False
-    from toolkit.tokenizers.tiktoken import get_encoding
-
-    enc = get_encoding("gpt2")
-    if weight.shape[0] < enc.n_vocab:
-        info("rhyme_init: the vocabulary is not GPT-2's; phases keep their random init")
+        warnings.warn("rhyme_init: the `pronouncing` package is not installed; phases keep their random init",
+                      stacklevel=3)
         return False
 
     def rhyming_part(word):
         phones = pronouncing.phones_for_word(word)
         return pronouncing.rhyming_part(phones[0]) if phones else None
 
-    strings = [enc.decode_single_token_bytes(i).decode("utf-8", errors="replace") for i in range(enc.n_vocab)]
-    apply_rhyme_groups(weight, rhyme_groups(strings, rhyming_part), std)
+    apply_rhyme_groups(weight, rhyme_groups(list(token_strings[: weight.shape[0]]), rhyming_part), std)
     return True

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from toolkit.errors import check
 from toolkit.models.base import LanguageModel
+from toolkit.models.common import KVCache, causal_sdpa_args, rope_tables
+from toolkit.models.llama_cpu import LlamaCPUDecoder
 
 
 @dataclass(frozen=True)
@@ -71,28 +73,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(max_len).float(), freqs)
-    return angles.cos(), angles.sin()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, H, T, D) by position angles (T, D/2)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
-
-
-class KVCache:
-    """Per-layer key/value buffers of shape (B, kv_heads, max_len, head_dim)."""
-
-    def __init__(self, config: Config, batch: int, max_len: int, device, dtype):
-        shape = (batch, config.kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.max_len = max_len
 
 
 class Attention(nn.Module):
@@ -111,16 +97,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
         if cache is not None:
-            cache.k[layer][:, :, pos : pos + T] = k
-            cache.v[layer][:, :, pos : pos + T] = v
-            k, v = cache.k[layer][:, :, : pos + T], cache.v[layer][:, :, : pos + T]
-            if T == 1:
-                causal = False
-            elif pos > 0:  # a chunk after earlier tokens: query i sees keys <= pos + i
-                causal = False
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            k, v = cache.update(layer, pos, k, v)
+        mask, causal = causal_sdpa_args(T, k.shape[2], x.device)
         if self.kv_heads != self.n_heads:
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -197,9 +176,15 @@ class Model(LanguageModel):
         return logits, loss
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        p = self.tok_embeddings.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
+        """Keys and values (batch, kv_heads, max_len, head_dim) per layer."""
+        c, p = self.config, self.tok_embeddings.weight
+        return KVCache(c.n_layers, batch, c.kv_heads, c.head_dim, max_len or c.max_seq_len, device or p.device,
+                       dtype or p.dtype)
 
+    def make_decoder(self) -> LlamaCPUDecoder | None:
+        """On CPU in fp32, the numpy one-token step (toolkit.models.llama_cpu); elsewhere the generic cached one."""
+        p = self.tok_embeddings.weight
+        return LlamaCPUDecoder(self) if p.device.type == "cpu" and p.dtype == torch.float32 else None
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""

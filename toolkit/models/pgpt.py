@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from toolkit.errors import check, check_choice
 from toolkit.models.base import LanguageModel
+from toolkit.models.common import KVCache, causal_mask, rope_tables
 
 NORMS = ("rmsnorm", "layernorm", "layernorm_nobias", "l2norm", "none")
 # head_rmsnorm: each head's dh-vector, no gain (the seed's dynamic_shape_rmsnorm, its default);
@@ -124,29 +125,19 @@ class QKNorm(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
-def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, head_dim / 2); frequency i is base^(-2i / head_dim)."""
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(max_len).float(), freqs)
-    return angles.cos(), angles.sin()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Half-split rotary: the pair (x[i], x[i + dh/2]) turns by angle i of its position. x: (B, H, T, dh)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
-class KVCache:
-    """Per layer: rotated keys and values (B, H, max_len, dh) and, with attention-II, the running sum of k_B."""
-
-    def __init__(self, c: Config, batch: int, max_len: int, device, dtype):
-        shape = (batch, c.n_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
-        self.kb_sum = [torch.zeros(shape, device=device, dtype=torch.float32) for _ in range(c.n_layers)] \
-            if c.attention_ii else None
-        self.max_len = max_len
+def make_cache(c: Config, batch: int, max_len: int, device, dtype) -> KVCache:
+    """Per layer: rotated keys and values (B, H, max_len, dh) and, with attention-II, the running sum of k_B
+    (extra "kb_sum", fp32). The decoder-only model's and the T5 decoder's."""
+    shape = (batch, c.n_heads, max_len, c.head_dim)
+    kb_sum = [torch.zeros(shape, device=device, dtype=torch.float32) for _ in range(c.n_layers)] \
+        if c.attention_ii else None
+    return KVCache(c.n_layers, batch, c.n_heads, c.head_dim, max_len, device, dtype, kb_sum=kb_sum)
 
 
 def attention_mask(key_mask: torch.Tensor | None, tq: int, tk: int, causal: bool, device,
@@ -157,14 +148,13 @@ def attention_mask(key_mask: torch.Tensor | None, tq: int, tk: int, causal: bool
     changes padding queries, whose outputs nothing real reads)."""
     if key_mask is None and (not causal or tq == tk or tq == 1):
         return None
-    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
-    j = torch.arange(tk, device=device)[None, :]
-    mask = (j <= i) if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
+    mask = causal_mask(tq, tk, device) if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
     mask = mask[None, None]
     if key_mask is not None:
         mask = mask & key_mask[:, None, None, :].bool()
         if own:
-            mask = mask | (j == i)
+            own_key = torch.arange(tk, device=device)[None, :] == torch.arange(tq, device=device)[:, None] + (tk - tq)
+            mask = mask | own_key
     return mask
 
 
@@ -194,9 +184,7 @@ class SelfAttention(nn.Module):
         # QK-norm first, then rotary
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
-            cache.k[layer][:, :, pos : pos + T] = k
-            cache.v[layer][:, :, pos : pos + T] = v
-            k, v = cache.k[layer][:, :, : pos + T], cache.v[layer][:, :, : pos + T]
+            k, v = cache.update(layer, pos, k, v)
         mask = attention_mask(key_mask, T, k.shape[2], causal, n.device)
         scale = self.scale
         if self.logit_scale is not None:
@@ -216,9 +204,10 @@ class SelfAttention(nn.Module):
         if causal:
             kb_sum = kb.cumsum(dim=2)
             if cache is not None:
+                running = cache.extra["kb_sum"][layer]
                 if pos > 0:
-                    kb_sum = kb_sum + cache.kb_sum[layer][:, :, pos - 1 : pos]
-                cache.kb_sum[layer][:, :, pos : pos + kb.shape[2]] = kb_sum
+                    kb_sum = kb_sum + running[:, :, pos - 1 : pos]
+                running[:, :, pos : pos + kb.shape[2]] = kb_sum
         else:
             kb_sum = kb.sum(dim=2, keepdim=True)
         return (qb * kb_sum).sum(-1) * self.scale
@@ -356,8 +345,7 @@ class Model(LanguageModel):
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.embed.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
-
+        return make_cache(self.config, batch, max_len or self.config.max_seq_len, device or p.device, dtype or p.dtype)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per matmul weight (the embedding lookup is not a matmul) plus attention."""

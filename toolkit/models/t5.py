@@ -18,7 +18,6 @@ import types
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from toolkit.errors import UserError, check, check_choice
 from toolkit.models import pgpt
 from toolkit.models.base import LanguageModel
-from toolkit.models.pgpt import Block, KVCache, lm_loss, rms_norm, rope_tables, softcap, z_loss
+from toolkit.models.common import KVCache, rope_tables
+from toolkit.models.pgpt import Block, lm_loss, rms_norm, softcap, z_loss
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Config(pgpt.Config):
     n_sentinels: int = -1
     decoder_start: str = "bos"  # bos | pad (the seed's: a fully masked first attention row)
     loss_on_special: bool = True  # false: the seed's labels (EOS and the first 100 sentinels ignored)
-    # span corruption (toolkit/data/span_corruption.py)
+    # span corruption (toolkit/shards/span_corruption.py)
     mask_rate: float = 0.15
     mean_span: float = 3.0  # without the curriculum
     curriculum: bool = True  # the seed's adaptive span-length curriculum
@@ -71,13 +71,11 @@ class Config(pgpt.Config):
                             f"audio with n_sentinels > 0), not {tok.kind}")
         return replace(self, **{n: getattr(tok, n) if getattr(self, n) == -1 else getattr(self, n) for n in needed})
 
-    def special_ids(self):
-        from toolkit.shards.span_corruption import SpecialIds
-
-        return SpecialIds(self.pad_id, self.eos_id, self.bos_id, self.sentinel_start, self.n_sentinels)
-
 
 class Model(LanguageModel):
+    objective = "span_corruption"  # the trainer's sampler corrupts spans (toolkit.shards.span_corruption)
+    is_encoder_decoder = True
+
     def __init__(self, config: Config):
         super().__init__()
         c = config
@@ -153,19 +151,9 @@ class Model(LanguageModel):
 
     # --- what the trainer, eval and generation ask of it ---------------------------------------------
 
-    def make_objective(self, seed: int):
-        from toolkit.shards.span_corruption import Curriculum, CurriculumConfig, SpanCorruption
-
-        c = self.config
-        curriculum = Curriculum(CurriculumConfig(buckets=c.curriculum_buckets, check_every=c.curriculum_check_every)) \
-            if c.curriculum else None
-        return SpanCorruption(c.special_ids(), c.target_len, seed, c.mask_rate, c.mean_span, curriculum)
-
-    def eval_batch(self, x: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Val windows -> (encoder input, target) with the seed's fixed validation corruption (no curriculum)."""
-        from toolkit.shards.span_corruption import SpanCorruption
-
-        return SpanCorruption(self.config.special_ids(), self.config.target_len, seed=0).eval_batch(x, index)
+    def eval_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, _ = self(x, y)  # teacher forcing on the corrupted val windows' targets
+        return logits, {}
 
     @torch.no_grad()
     def row_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -180,7 +168,8 @@ class Model(LanguageModel):
 
     def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         p = self.embed.weight
-        return KVCache(self.config, batch, max_len or self.config.target_len, device or p.device, dtype or p.dtype)
+        return pgpt.make_cache(self.config, batch, max_len or self.config.target_len, device or p.device,
+                               dtype or p.dtype)
 
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -195,7 +184,7 @@ class Model(LanguageModel):
         return 6 * enc + 6 * dec * frac + attn
 
 
-class Conditioned(nn.Module):
+class Conditioned(LanguageModel):
     """The decoder given one encoder input: encoder states and cross-attention keys/values computed once, so the
     one generation loop (toolkit.generate) runs it as a cached decoder-only model."""
 

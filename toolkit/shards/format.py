@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write, atomic_write_json
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -36,11 +37,12 @@ def shard_header(n_tokens: int, dtype) -> np.ndarray:
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(shard_header(len(tokens), tokens.dtype).tobytes())
-        f.write(tokens.tobytes())
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(shard_header(len(tokens), tokens.dtype).tobytes())
+            f.write(tokens.tobytes())
+
+    atomic_write(path, write)
 
 
 def read_header(path: Path) -> tuple[int, int] | None:
@@ -107,10 +109,14 @@ class ShardWriter:
 
 
 def shard_meta(tok, dtype, tokens: dict, shards: dict, **extra) -> dict:
-    """meta.json beside the shards: what the trainer checks (tokenizer fingerprint) and reports."""
-    return {"format": "llm.c shards", "magic": MAGIC, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
-            "tokens": tokens, "shards": shards, **extra}
+    """meta.json beside the shards: what the trainer checks (tokenizer fingerprint) and reports.
+
+    `tok` is a tokenizer, or the tokenizer table itself (a dict with kind, fingerprint and vocab_size) where
+    there is no tokenizer object (llama2.c .bin files converted with their tokenizer.json, or none)."""
+    table = tok if isinstance(tok, dict) else {"kind": tok.kind, "fingerprint": tok.fingerprint,
+                                               "vocab_size": tok.vocab_size}
+    return {"format": "llm.c shards", "magic": MAGIC, "dtype": np.dtype(dtype).name, "vocab_size": table["vocab_size"],
+            "tokenizer": table, "tokens": tokens, "shards": shards, **extra}
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -123,7 +129,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
-    (Path(out_dir) / META).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(Path(out_dir) / META, meta)
 
 
 @dataclass

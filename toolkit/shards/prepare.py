@@ -4,7 +4,7 @@ Each product lives in a cache folder named by a hash of everything it depends on
 files, sizes and mtimes; the [data] and [tokenizer] settings; the tokenizer's fingerprint), so a
 changed input makes a new product and an unchanged one is reused across runs and seeds.
 A folder of audio code files (`lmkit audio encode`) goes straight to shards with the audio tokenizer
-(toolkit/audio/pretokenize.py), with no corpus step.
+(toolkit/shards/audio.py), with no corpus step.
 Cache root: $LMKIT_CACHE, else ~/.cache/lmkit.
 """
 
@@ -14,13 +14,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit import tokenizers
 from toolkit.console import info
 from toolkit.errors import UserError
+from toolkit.fsio import build_atomically
 
 
 def cache_root() -> Path:
@@ -89,11 +89,7 @@ def _prepare_codes(data, tcfg, root: Path) -> Prepared:
                             f"(the recipe has {tcfg.kind!r})")
         tok_dir = root / "tokenizer" / _hash(["audio", dataclasses.asdict(tcfg)])
         if not (tok_dir / tokenizers.META_FILE).is_file():
-            tmp = tok_dir.with_name(tok_dir.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizers.build(tcfg, None, tmp)
-            shutil.rmtree(tok_dir, ignore_errors=True)
-            tmp.rename(tok_dir)
+            build_atomically(tok_dir, lambda tmp: tokenizers.build(tcfg, None, tmp))
         tok = tokenizers.load(tok_dir)
     # only the code files count: re-scoring (scores.parquet) does not change the shards
     signature = [e for e in source_signature(data.source) if not isinstance(e, list) or e[0].endswith(".npz")]
@@ -101,12 +97,9 @@ def _prepare_codes(data, tcfg, root: Path) -> Prepared:
                                           data.shard_tokens, tcfg.append_eos])
     if not (shards_dir / "meta.json").is_file():
         info(f"pretokenize: audio codes {data.source} -> {shards_dir}")
-        tmp = shards_dir.with_name(shards_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pretokenize_codes(Path(data.source).expanduser(), tok_dir, tmp, shard_tokens=data.shard_tokens,
-                          append_eos=tcfg.append_eos, overwrite=True, val_fraction=data.val_fraction)
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        tmp.rename(shards_dir)
+        build_atomically(shards_dir, lambda tmp: pretokenize_codes(
+            Path(data.source).expanduser(), tok_dir, tmp, shard_tokens=data.shard_tokens,
+            append_eos=tcfg.append_eos, overwrite=True, val_fraction=data.val_fraction))
     return Prepared(None, tok_dir, shards_dir, tok)
 
 
@@ -158,20 +151,13 @@ def prepare(recipe, quiet: bool = False) -> Prepared:
         tok_dir = root / "tokenizer" / _hash([dataclasses.asdict(tcfg), manifest["sha256"]])
         if not (tok_dir / tokenizers.META_FILE).is_file():
             info(f"vocab: {tcfg.kind} tokenizer -> {tok_dir}")
-            tmp = tok_dir.with_name(tok_dir.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizers.build(tcfg, iter_documents(corpus_dir, "train"), tmp, quiet=quiet)
-            shutil.rmtree(tok_dir, ignore_errors=True)
-            tmp.rename(tok_dir)
+            build_atomically(tok_dir, lambda tmp: tokenizers.build(tcfg, iter_documents(corpus_dir, "train"), tmp,
+                                                                   quiet=quiet))
         tok = tokenizers.load(tok_dir)
 
     shards_dir = root / "shards" / _hash([tok.fingerprint, manifest["sha256"], data.shard_tokens, tcfg.append_eos])
     if not (shards_dir / "meta.json").is_file():
         info(f"pretokenize: -> {shards_dir}")
-        tmp = shards_dir.with_name(shards_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pretokenize(corpus_dir, tok_dir, tmp, shard_tokens=data.shard_tokens, append_eos=tcfg.append_eos,
-                    overwrite=True)
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        tmp.rename(shards_dir)
+        build_atomically(shards_dir, lambda tmp: pretokenize(corpus_dir, tok_dir, tmp, shard_tokens=data.shard_tokens,
+                                                             append_eos=tcfg.append_eos, overwrite=True))
     return Prepared(corpus_dir, tok_dir, shards_dir, tok)

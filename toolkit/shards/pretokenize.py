@@ -13,9 +13,8 @@ from typing import Iterator
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write
 from toolkit.shards.format import (
-    MAGIC,
-    META,
     PretokenizeResult,
     ShardWriter,
     dtype_for,
@@ -155,20 +154,20 @@ def convert_llama2c(bin_dir: Path, out_dir: Path, vocab_size: int, tokenizer_met
     files = sorted(Path(bin_dir).glob("*.bin"))
     if not files:
         raise UserError(f"{bin_dir}: no .bin files")
-    if (Path(out_dir) / META).exists() and not overwrite:
-        raise UserError(f"{out_dir} already holds shards; remove it or pass --force to replace them")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
     splits = llama2c_splits([open_shard(f) for f in files])
-    meta = {"format": "llm.c shards", "magic": MAGIC, "dtype": "uint16", "vocab_size": vocab_size,
-            "tokenizer": tokenizer_meta or {"kind": "unknown", "fingerprint": "", "vocab_size": vocab_size},
-            "tokens": {}, "shards": {}, "source": f"llama2.c bins: {bin_dir}"}
+    prepare_out_dir(out_dir, overwrite)
+    tokens, shards = {}, {}
     for split, parts in splits.items():
-        meta["shards"][split], meta["tokens"][split] = [], 0
+        shards[split], tokens[split] = [], 0
         for i, part in enumerate(parts):
-            path = Path(out_dir) / f"{split}_{i:06d}.bin"
+            path = out_dir / f"{split}_{i:06d}.bin"
             write_shard(path, np.asarray(part, dtype=np.uint16))
-            meta["shards"][split].append(path.name)
-            meta["tokens"][split] += len(part)
+            shards[split].append(path.name)
+            tokens[split] += len(part)
+    table = tokenizer_meta or {"kind": "unknown", "fingerprint": "", "vocab_size": vocab_size}
+    meta = shard_meta({**table, "vocab_size": vocab_size}, np.uint16, tokens, shards,
+                      source=f"llama2.c bins: {bin_dir}")
     write_meta(out_dir, meta)
     return meta
 
@@ -212,7 +211,7 @@ def pretokenize_conversations(conversations: Path, tokenizer_dir: Path, out_dir:
         paths = writer.close()
         for p in paths:  # the mask files follow the token shards one to one
             n = read_header(p)[1]
-            masks[:n].tofile(p.with_suffix(".mask"))
+            atomic_write(p.with_suffix(".mask"), lambda tmp, m=masks[:n]: m.tofile(tmp))
             masks = masks[n:]
         meta["shards"][split] = [p.name for p in paths]
         meta["tokens"][split] = writer.total

@@ -69,6 +69,13 @@ class BatchSampler:
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
+    def metrics(self) -> dict:
+        """Named figures of the sampler's own for the training log (a curriculum's state); none here."""
+        return {}
+
+    def status(self) -> str:
+        return ""
+
 
 def eval_windows(shards: ShardSet, split: str, seq_len: int, batch_size: int, max_batches: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -221,8 +228,19 @@ def scores_path(recipe, shards: ShardSet) -> Path:
     return Path(codes_dir or recipe.data.source).expanduser() / "scores.parquet"
 
 
-def make_sampler(recipe, shards: ShardSet, split: str, seq_len: int, batch_size: int, seed: int):
-    """PrioritySampler for data.sampling = "priority", else the plain BatchSampler."""
+def make_sampler(recipe, shards: ShardSet, split: str, seq_len: int, batch_size: int, seed: int,
+                 objective: str = "next_token"):
+    """PrioritySampler for data.sampling = "priority", else the plain BatchSampler; wrapped in the span-corruption
+    sampler for a model whose objective is "span_corruption" (T5)."""
+    base = _window_sampler(recipe, shards, split, seq_len, batch_size, seed)
+    if objective == "span_corruption":
+        from toolkit.shards.span_corruption import SpanCorruptionSampler, objective_for
+
+        return SpanCorruptionSampler(base, objective_for(recipe.model, seed), recipe.train.grad_accum)
+    return base
+
+
+def _window_sampler(recipe, shards: ShardSet, split: str, seq_len: int, batch_size: int, seed: int):
     if recipe.data.sampling != "priority":
         return BatchSampler(shards, split, seq_len, batch_size, seed)
     if "files" not in shards.meta.get("audio", {}):

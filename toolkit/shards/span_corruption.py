@@ -276,3 +276,83 @@ class SpanCorruption:
         info = self.curriculum.info
         dist = " ".join(f"{p:.2f}" for p in self.curriculum.probs)
         return f" | crclm: {info['target']:.3f} {info['expected']:.3f} {info['lambda']:.2f} [{dist}]"
+
+
+def special_ids(config) -> SpecialIds:
+    """The ids span corruption needs, from a model config that has them (T5, after `with_tokenizer`)."""
+    c = config
+    return SpecialIds(c.pad_id, c.eos_id, c.bos_id, c.sentinel_start, c.n_sentinels)
+
+
+def objective_for(config, seed: int) -> SpanCorruption:
+    """The span-corruption objective a model config asks for (T5: its special ids, target length, span settings
+    and curriculum switch)."""
+    c = config
+    curriculum = Curriculum(CurriculumConfig(buckets=c.curriculum_buckets, check_every=c.curriculum_check_every)) \
+        if c.curriculum else None
+    return SpanCorruption(special_ids(c), c.target_len, seed, c.mask_rate, c.mean_span, curriculum)
+
+
+def eval_batch(config, windows: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Val windows -> (encoder input, target) with the seed's fixed validation corruption (no curriculum)."""
+    return SpanCorruption(special_ids(config), config.target_len, seed=0).eval_batch(windows, index)
+
+
+class SpanCorruptionSampler:
+    """A batch sampler whose windows come out span-corrupted: (encoder input, target) pairs.
+
+    It wraps the trainer's sampler (draw / read / state like BatchSampler). `feedback(row_losses)` after each
+    optimizer step hands the curriculum each row's loss; under DDP the rows of every rank are gathered first, so
+    the curriculum is the same on all ranks. Micro-batch i of a step is corrupted with randomness from
+    (seed, step, i), so a resumed or DDP run draws the same spans.
+    """
+
+    def __init__(self, base, objective: SpanCorruption, grad_accum: int):
+        self.base, self.objective, self.grad_accum = base, objective, grad_accum
+        self.draws = 0  # micro-batches drawn so far, on every rank
+        self.key = (0, 0)  # (step, micro-batch) of the last draw
+        self.buckets: list[np.ndarray] = []  # curriculum bucket of each row this rank read since the last feedback
+
+    def draw(self):
+        self.key = divmod(self.draws, self.grad_accum)
+        self.draws += 1
+        return self.base.draw()
+
+    def read(self, which, offsets):
+        windows, _ = self.base.read(which, offsets)
+        x, y, buckets = self.objective.train_batch(windows, *self.key)
+        self.buckets.append(buckets)
+        return x, y
+
+    def feedback(self, row_losses: list) -> None:
+        """This rank's per-row losses (one tensor per micro-batch it read, in order) -> the curriculum."""
+        import torch
+
+        losses = torch.stack(row_losses).float()  # (micro-batches of this rank, B)
+        buckets = torch.from_numpy(np.stack(self.buckets)).to(losses.device)
+        self.buckets = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            parts = [torch.empty_like(losses) for _ in range(world)]
+            torch.distributed.all_gather(parts, losses.contiguous())
+            bucket_parts = [torch.empty_like(buckets) for _ in range(world)]
+            torch.distributed.all_gather(bucket_parts, buckets.contiguous())
+            # rank r read micro-batches r, r + world, ...: interleave back to 0, 1, 2, ...
+            losses = torch.stack(parts, dim=1).flatten(0, 1)
+            buckets = torch.stack(bucket_parts, dim=1).flatten(0, 1)
+        self.objective.update(buckets.cpu().numpy().reshape(-1), losses.cpu().numpy().reshape(-1))
+        self.objective.begin_step()
+
+    def state(self) -> dict:
+        return {"windows": self.base.state(), "objective": self.objective.state(), "draws": self.draws}
+
+    def set_state(self, state: dict) -> None:
+        self.base.set_state(state["windows"])
+        self.objective.set_state(state["objective"])
+        self.draws = state["draws"]
+
+    def metrics(self) -> dict:
+        return self.objective.metrics()
+
+    def status(self) -> str:
+        return self.objective.status()

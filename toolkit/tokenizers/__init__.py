@@ -14,31 +14,55 @@ from typing import Iterable
 from toolkit.errors import UserError
 from toolkit.tokenizers.base import META_FILE, Tokenizer, read_meta, write_meta  # noqa: F401 (the package's API)
 
+# Each kind's constructor, written once. `get(name, default)` reads one setting, from a saved tokenizer.json
+# (`load`) or from a recipe's [tokenizer] table (`from_config`); a default stands for folders saved before
+# the setting existed.
+
+
+def _tiktoken(get):
+    from toolkit.tokenizers.tiktoken import TiktokenTokenizer
+
+    return TiktokenTokenizer(get("encoding"), get("vocab_cap", 0), get("cap_policy", "none"))
+
+
+def _bytes(get):
+    from toolkit.tokenizers.bytes import BytesTokenizer
+
+    return BytesTokenizer(get("n_sentinels", 0))
+
+
+def _audio(get):
+    from toolkit.tokenizers.audio import AudioTokenizer
+
+    return AudioTokenizer(get("layout"), get("n_codebooks"), get("codebook_size"), get("n_sentinels"))
+
+
+def _sentencepiece(folder: Path, meta: dict):
+    from toolkit.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    return SentencePieceTokenizer.load(folder)
+
+
+def _llama2c(folder: Path, meta: dict):
+    from toolkit.tokenizers.llama2c import Llama2cTokenizer
+
+    return Llama2cTokenizer.load(folder, meta["vocab_size"])
+
+
+# kinds made from their settings alone (no files beyond tokenizer.json)
+FROM_SETTINGS = {"tiktoken": _tiktoken, "bytes": _bytes, "audio": _audio}
+# kinds whose vocabulary lives in files of the folder (trained, or given with tokenizer.path)
+FROM_FILES = {"sentencepiece": _sentencepiece, "llama2c": _llama2c}
+
 
 def load(folder: str | Path):
     folder = Path(folder)
     meta = read_meta(folder)
     kind = meta["kind"]
-    if kind == "sentencepiece":
-        from toolkit.tokenizers.sentencepiece import SentencePieceTokenizer
-
-        tok = SentencePieceTokenizer.load(folder)
-    elif kind == "tiktoken":
-        from toolkit.tokenizers.tiktoken import TiktokenTokenizer
-
-        tok = TiktokenTokenizer(meta["encoding"], meta.get("vocab_cap", 0), meta.get("cap_policy", "none"))
-    elif kind == "bytes":
-        from toolkit.tokenizers.bytes import BytesTokenizer
-
-        tok = BytesTokenizer(meta.get("n_sentinels", 0))
-    elif kind == "audio":
-        from toolkit.tokenizers.audio import AudioTokenizer
-
-        tok = AudioTokenizer(meta["layout"], meta["n_codebooks"], meta["codebook_size"], meta["n_sentinels"])
-    elif kind == "llama2c":
-        from toolkit.tokenizers.llama2c import Llama2cTokenizer
-
-        tok = Llama2cTokenizer.load(folder, meta["vocab_size"])
+    if kind in FROM_SETTINGS:
+        tok = FROM_SETTINGS[kind](lambda name, *default: meta.get(name, *default) if default else meta[name])
+    elif kind in FROM_FILES:
+        tok = FROM_FILES[kind](folder, meta)
     else:
         raise UserError(f"{folder}: unknown tokenizer kind {kind!r}")
     if tok.fingerprint != meta["fingerprint"]:
@@ -48,19 +72,9 @@ def load(folder: str | Path):
 
 def from_config(cfg) -> object:
     """A tokenizer that needs no training (tiktoken, bytes, audio) straight from a [tokenizer] table."""
-    if cfg.kind == "tiktoken":
-        from toolkit.tokenizers.tiktoken import TiktokenTokenizer
-
-        return TiktokenTokenizer(cfg.encoding, cfg.vocab_cap, cfg.cap_policy)
-    if cfg.kind == "bytes":
-        from toolkit.tokenizers.bytes import BytesTokenizer
-
-        return BytesTokenizer(cfg.n_sentinels)
-    if cfg.kind == "audio":
-        from toolkit.tokenizers.audio import AudioTokenizer
-
-        return AudioTokenizer(cfg.layout, cfg.n_codebooks, cfg.codebook_size, cfg.n_sentinels)
-    raise UserError(f"tokenizer kind {cfg.kind!r} must be trained or loaded from a folder")
+    if cfg.kind not in FROM_SETTINGS:
+        raise UserError(f"tokenizer kind {cfg.kind!r} must be trained or loaded from a folder")
+    return FROM_SETTINGS[cfg.kind](lambda name, *default: getattr(cfg, name, *default))
 
 
 def build(cfg, documents: Iterable[str] | None, out_dir: Path, quiet: bool = False):

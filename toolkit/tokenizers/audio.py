@@ -115,6 +115,10 @@ class AudioTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encode("")
 
+    def token_bytes(self) -> None:
+        """Codes stand for no text: bits per byte does not apply."""
+        return None
+
     def decode(self, ids) -> str:
         """A readable rendering: codebook:code for codes, <pad>/<eos>/<bos>/<s_k> for specials."""
         names = []

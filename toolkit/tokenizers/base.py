@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write_json
 
 
 class Tokenizer(Protocol):
@@ -31,10 +32,9 @@ META_FILE = "tokenizer.json"
 
 
 def write_meta(folder: Path, tok, **extra) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "fingerprint": tok.fingerprint, **extra}
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(Path(folder) / META_FILE, meta)
 
 
 def read_meta(folder: Path) -> dict:

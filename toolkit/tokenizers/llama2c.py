@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write_bytes
 from toolkit.tokenizers.base import write_meta
 from toolkit.tokenizers.llama2c_bin import read_tokenizer_bin
 
@@ -64,8 +65,7 @@ class Llama2cTokenizer:
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / FILE).write_bytes(self.raw)
+        atomic_write_bytes(folder / FILE, self.raw)
         write_meta(folder, self)
 
     # -- encoding --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write_bytes
 
 
 def _surface(piece: str, i: int, bos_id: int | None, eos_id: int | None) -> bytes:
@@ -27,9 +28,7 @@ def write_tokenizer_bin(path: Path, pieces: list[tuple[str, float]], bos_id: int
     for b, score in encoded:
         parts.append(struct.pack("<fI", score, len(b)))
         parts.append(b)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(b"".join(parts))
-    tmp.replace(path)
+    atomic_write_bytes(path, b"".join(parts))
 
 
 def read_tokenizer_bin(path: Path, vocab_size: int) -> tuple[list[bytes], list[float], int]:

@@ -15,6 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write_bytes
 from toolkit.tokenizers.base import write_meta
 from toolkit.tokenizers.llama2c_bin import write_tokenizer_bin
 
@@ -57,8 +58,7 @@ class SentencePieceTokenizer:
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "tokenizer.model").write_bytes(self.model_proto)
+        atomic_write_bytes(folder / "tokenizer.model", self.model_proto)
         write_tokenizer_bin(folder / "tokenizer.bin", self.pieces(), self.bos_id, self.eos_id)
         write_meta(folder, self)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import UserError
+from toolkit.fsio import atomic_write_bytes
 from toolkit.tokenizers.base import write_meta
 
 _BLOB = "https://openaipublic.blob.core.windows.net"
@@ -63,11 +64,8 @@ def seed_cache() -> None:
         if hashlib.sha256(data).hexdigest() != sha:
             continue
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
-        except OSError:
+            atomic_write_bytes(target, data)
+        except UserError:  # an unwritable cache: tiktoken downloads instead
             return
 
 

@@ -3,13 +3,16 @@
 Single process or DDP under torchrun (nccl on GPU, gloo on CPU). Every rank draws the same global
 stream of micro-batches and keeps its own share, so a DDP run's global batch equals a single
 process's. Checkpoints are atomic; `resume` continues bit for bit (on CPU) where a run stopped.
+
+`train` reads as four parts: `setup` (data, model, optimizer, sampler, resume state), `fit` (the steps),
+`validate` (an eval on the fixed val windows) and `save` (weights and training state).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -18,45 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from toolkit import models, tokenizers
 from toolkit import recipe as recipe_lib
 from toolkit import run as run_lib
 from toolkit.console import console, info
-from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_device, resolve_dtype
+from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_dtype
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
+from toolkit.fsio import atomic_write_text
 from toolkit.shards.format import ShardSet
+from toolkit.train.distributed import Dist, any_across, barrier, init_distributed, mean_across
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-        return Dist(), resolve_device(device_name)
-    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return d, device
 
 
 class StopFlag:
@@ -106,7 +82,7 @@ def train_step(model, raw_model, optimizers, batches, amp, grad_clip: float, sca
         clip_gradients(raw_model, optimizers, grad_clip)
     for opt in optimizers:
         scaler.step(opt) if scaler else opt.step()
-        opt.__dict__.pop("grad_scale", None)  # the clipping factor is for this step only
+        opt.__dict__.pop("grad_scale", None)  # clip_gradients' factor is for this step only
     if scaler:
         scaler.update()
     for opt in optimizers:
@@ -133,12 +109,32 @@ def run_dir_for(recipe) -> Path:
     return Path(recipe.train.out_dir or f"out/{recipe.name}")
 
 
-def _metrics_truncate(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+@dataclass
+class Session:
+    """Everything a run needs between its steps."""
+
+    recipe: object
+    run_dir: Path
+    d: Dist
+    device: torch.device
+    dtype: torch.dtype
+    tok: object
+    shards: ShardSet
+    model: torch.nn.Module  # compiled and/or DDP-wrapped
+    raw_model: torch.nn.Module
+    optimizers: list
+    sampler: object
+    amp: object
+    scaler: object
+    seq_len: int
+    tokens_per_step: int
+    scored_per_step: int
+    flops_per_token: float
+    peak: float
+    step: int = 0
+    best_val: float = math.inf
+    tokens_seen: int = 0
+    elapsed: float = 0.0
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -148,6 +144,20 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     `stop_after` > 0 stops (with a checkpoint) after that many steps of this call, as Ctrl-C does:
     time-sliced jobs continue later with `resume`. `time_limit` > 0 does the same after that many seconds.
     """
+    s = setup(recipe, run_dir, resume, init_from, force)
+    last, stopped_early = fit(s, stop_after, time_limit)
+    barrier(s.d)
+    summary = {"run": str(s.run_dir), "step": s.step, "stopped_early": stopped_early, "params": s.raw_model.num_params(),
+               **{k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "mfu")}}
+    if stopped_early and s.d.master:
+        info(f"stopped at step {s.step}; checkpoint saved. Continue with: lmkit train {s.run_dir} --resume")
+    return summary
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+
+
+def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, force: bool) -> Session:
     from toolkit.shards.prepare import prepare
     from toolkit.shards.sampler import make_sampler
 
@@ -165,256 +175,263 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
             raise UserError(f"--init-from {init_from}: not a run folder (needs model.safetensors and recipe.toml)")
         recipe = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(init_from / run_lib.TOKENIZER)))
     if d.master:
-        if resume and not (run_dir / run_lib.STATE).is_file():
-            raise UserError(f"{run_dir}: no checkpoint to resume from ({run_lib.STATE} missing)")
-        if not resume and run_dir.exists() and any(run_dir.iterdir()):
-            if not force:
-                raise UserError(f"{run_dir} already holds a run; use --resume to continue it or --force to start over")
-            for name in (run_lib.WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(run_dir, resume, force)
 
     # data: rank 0 makes what is missing, the others wait and read it
     if d.master:
         prepared = prepare(recipe)
-    if d.enabled:
-        dist.barrier()
+    barrier(d)
     if not d.master:
         prepared = prepare(recipe)
     tok = prepared.tokenizer
     shards = ShardSet(prepared.shards)
     shards.check_tokenizer(tok)
-    vocab = tok.vocab_size
-    if getattr(recipe.model, "vocab_size", 0) not in (0, vocab):
-        raise UserError(f"[model].vocab_size = {recipe.model.vocab_size} but the tokenizer has {vocab} tokens "
-                        "(set model.vocab_size = 0 to take the tokenizer's)")
-    if hasattr(recipe.model, "vocab_size"):
-        recipe = recipe.replace(model=replace(recipe.model, vocab_size=vocab))
-    if hasattr(recipe.model, "with_tokenizer"):  # ids a family takes from the tokenizer (T5: pad, EOS, sentinels)
-        recipe = recipe.replace(model=recipe.model.with_tokenizer(tok))
+    recipe = with_tokenizer(recipe, tok)
     seq_len = recipe.model.max_seq_len
 
     torch.manual_seed(tc.seed)
-    model = models.build(recipe.model, vocab).to(device)
+    model = models.build(recipe.model, tok.vocab_size).to(device)
     if init_from is not None:
         run_lib.load_weights(model, init_from / run_lib.WEIGHTS)
     optimizers = build_optimizers(model, tc, device.type)
-    sampler = make_sampler(recipe, shards, "train", seq_len, tc.batch_size, seed=tc.seed)
-    objective = model.make_objective(tc.seed) if hasattr(model, "make_objective") else None
+    sampler = make_sampler(recipe, shards, "train", seq_len, tc.batch_size, tc.seed, model.objective)
     if tc.grad_accum % d.world:
         raise UserError(f"train.grad_accum = {tc.grad_accum} must be a multiple of the number of processes ({d.world})")
 
-    step, best_val, tokens_seen, elapsed = 0, math.inf, 0, 0.0
+    s = Session(recipe=recipe, run_dir=run_dir, d=d, device=device, dtype=dtype, tok=tok, shards=shards,
+                model=model, raw_model=model, optimizers=optimizers, sampler=sampler, amp=autocast(device, dtype),
+                scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, seq_len=seq_len,
+                tokens_per_step=tc.batch_size * seq_len * tc.grad_accum,
+                # positions the loss scores (a model that scores fewer than seq_len per row says so: attractor A1)
+                scored_per_step=tc.batch_size * tc.grad_accum * model.scored_tokens(seq_len),
+                flops_per_token=model.flops_per_token(seq_len),
+                peak=peak_flops(device, dtype, tc.peak_flops) if d.master else 0.0)
     if resume:
-        state = run_lib.load_state(run_dir / run_lib.STATE)
-        weights_step = run_lib.load_weights(model, run_dir / run_lib.WEIGHTS)
-        if weights_step != state["step"]:
-            raise UserError(f"{run_dir}: model.safetensors is from step {weights_step} but state.pt from step "
-                            f"{state['step']} (a checkpoint write was interrupted); restore one of them")
-        if len(state["optimizers"]) != len(optimizers):
-            raise UserError(f"{run_dir}: the optimizer setup changed since the checkpoint; cannot resume")
-        for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
-        sampler.set_state(state["sampler"])
-        if objective is not None:
-            objective.set_state(state["objective"])
-        step, best_val = state["step"], state["best_val"]
-        tokens_seen, elapsed = state["tokens_seen"], state["elapsed"]
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if d.master:
-            _metrics_truncate(run_dir / run_lib.METRICS, step)
-            info(f"resuming {run_dir} at step {step}")
+        load_checkpoint(s)
     else:
         torch.manual_seed(tc.seed + d.rank)  # dropout noise differs per rank
-
-    raw_model = model
     if tc.compile:
-        model = torch.compile(model)
+        s.model = torch.compile(s.model)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-
-    n_params = raw_model.num_params()
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    peak = peak_flops(device, dtype, tc.peak_flops) if d.master else 0.0
-    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
-    tokens_per_step = tc.batch_size * seq_len * tc.grad_accum
-    # positions the loss scores (a model that scores fewer than seq_len per row says so: attractor A1 scores 1)
-    scored_per_step = tc.batch_size * tc.grad_accum * (
-        raw_model.scored_tokens(seq_len) if hasattr(raw_model, "scored_tokens") else seq_len)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    amp = autocast(device, dtype)
-
+        s.model = DDP(s.model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if d.master:
-        tok.save(run_dir / run_lib.TOKENIZER)
-        recipe_lib.save(recipe, run_dir / run_lib.RECIPE)
-        run_lib.write_json(run_dir / run_lib.RUN_INFO, {
-            "recipe": recipe.name, "family": recipe.model.family, "params": n_params,
-            "flops_per_token": flops_per_token, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "world_size": d.world,
-            "data": {"corpus": str(prepared.corpus) if prepared.corpus else None, "shards": str(prepared.shards),
-                     "tokenizer": str(prepared.tokenizer_dir), "tokenizer_fingerprint": tok.fingerprint,
-                     "train_tokens": shards.tokens("train"), "val_tokens": shards.tokens("val"),
-                     "val_sha256": _val_hash(shards)},
-            "init_from": str(init_from) if init_from else None,
-        })
-        info(f"{recipe.name}: {recipe.model.family} with {n_params / 1e6:.2f} M parameters, "
-             f"{tokens_per_step:,} tokens/step, {shards.tokens('train'):,} train tokens, on {device} ({dtype})"
-             + (f" x {d.world} processes" if d.enabled else ""))
+        write_run_info(s, prepared, init_from)
+    return s
 
-    def run_eval() -> dict:
-        result = evaluate(raw_model, shards, "val", seq_len, recipe.eval.batch_size or tc.batch_size, tc.eval_iters,
-                          device, amp, token_bytes)
-        return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, **result.extras}
 
-    def save(at_step: int) -> None:
-        if not d.master:
-            return
-        run_lib.save_weights(raw_model, run_dir / run_lib.WEIGHTS, at_step)
-        run_lib.save_state({
-            "step": at_step, "optimizers": [o.state_dict() for o in optimizers], "sampler": sampler.state(),
-            "objective": objective.state() if objective is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "best_val": best_val, "tokens_seen": tokens_seen, "elapsed": elapsed,
-        }, run_dir / run_lib.STATE)
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    if resume and not (run_dir / run_lib.STATE).is_file():
+        raise UserError(f"{run_dir}: no checkpoint to resume from ({run_lib.STATE} missing)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise UserError(f"{run_dir} already holds a run; use --resume to continue it or --force to start over")
+        for name in (run_lib.WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    def log(record: dict) -> None:
-        if d.master:
-            with open(run_dir / run_lib.METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    model.train()
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check: no host sync per step
-    window_start, window_steps = time.perf_counter(), 0
-    last_record: dict = {}
-    stopped_early = False
+def with_tokenizer(recipe, tok):
+    """The recipe's model config with what it takes from the tokenizer (vocab size; T5: pad, EOS, sentinel ids)."""
+    cfg = recipe.model
+    vocab = tok.vocab_size
+    if getattr(cfg, "vocab_size", 0) not in (0, vocab):
+        raise UserError(f"[model].vocab_size = {cfg.vocab_size} but the tokenizer has {vocab} tokens "
+                        "(set model.vocab_size = 0 to take the tokenizer's)")
+    if "vocab_size" in {f.name for f in _fields(cfg)}:
+        cfg = replace(cfg, vocab_size=vocab)
+    if callable(getattr(cfg, "with_tokenizer", None)):
+        cfg = cfg.with_tokenizer(tok)
+    return recipe.replace(model=cfg)
 
-    def check_finite() -> None:
-        if not pending:
-            return
-        losses = torch.stack([loss for _, loss in pending])
-        if d.enabled:
-            dist.all_reduce(losses, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-            if device.type != "cuda":
-                losses /= d.world
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            bad_step = pending[int(bad[0])][0]
-            raise UserError(f"loss became {losses[int(bad[0])].item()} at step {bad_step}; stopped. The last good "
-                            f"checkpoint in {run_dir} is kept (try a lower train.lr or train.grad_clip)")
-        return losses
 
+def _fields(cfg):
+    import dataclasses
+
+    return dataclasses.fields(cfg)
+
+
+def load_checkpoint(s: Session) -> None:
+    state = run_lib.load_state(s.run_dir / run_lib.STATE)
+    weights_step = run_lib.load_weights(s.raw_model, s.run_dir / run_lib.WEIGHTS)
+    if weights_step != state["step"]:
+        raise UserError(f"{s.run_dir}: model.safetensors is from step {weights_step} but state.pt from step "
+                        f"{state['step']} (a checkpoint write was interrupted); restore one of them")
+    if len(state["optimizers"]) != len(s.optimizers):
+        raise UserError(f"{s.run_dir}: the optimizer setup changed since the checkpoint; cannot resume")
+    for opt, saved in zip(s.optimizers, state["optimizers"]):
+        opt.load_state_dict(saved)
+    s.sampler.set_state(state["sampler"])
+    s.step, s.best_val = state["step"], state["best_val"]
+    s.tokens_seen, s.elapsed = state["tokens_seen"], state["elapsed"]
+    torch.set_rng_state(state["torch_rng"])
+    if s.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], s.device)
+    if s.d.master:
+        _metrics_truncate(s.run_dir / run_lib.METRICS, s.step)
+        info(f"resuming {s.run_dir} at step {s.step}")
+
+
+def write_run_info(s: Session, prepared, init_from) -> None:
+    r, shards = s.recipe, s.shards
+    s.tok.save(s.run_dir / run_lib.TOKENIZER)
+    recipe_lib.save(r, s.run_dir / run_lib.RECIPE)
+    n_params = s.raw_model.num_params()
+    run_lib.write_json(s.run_dir / run_lib.RUN_INFO, {
+        "recipe": r.name, "family": r.model.family, "params": n_params,
+        "flops_per_token": s.flops_per_token, "seq_len": s.seq_len, "tokens_per_step": s.tokens_per_step,
+        "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "world_size": s.d.world,
+        "data": {"corpus": str(prepared.corpus) if prepared.corpus else None, "shards": str(prepared.shards),
+                 "tokenizer": str(prepared.tokenizer_dir), "tokenizer_fingerprint": s.tok.fingerprint,
+                 "train_tokens": shards.tokens("train"), "val_tokens": shards.tokens("val"),
+                 "val_sha256": _val_hash(shards)},
+        "init_from": str(init_from) if init_from else None,
+    })
+    info(f"{r.name}: {r.model.family} with {n_params / 1e6:.2f} M parameters, "
+         f"{s.tokens_per_step:,} tokens/step, {shards.tokens('train'):,} train tokens, on {s.device} ({s.dtype})"
+         + (f" x {s.d.world} processes" if s.d.enabled else ""))
+
+
+# --- fit ------------------------------------------------------------------------------------------------------
+
+
+def next_batches(s: Session) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches of the next step: every rank draws every micro-batch and keeps its own."""
+    batches = []
+    for m in range(s.recipe.train.grad_accum):
+        which, offsets = s.sampler.draw()
+        if m % s.d.world == s.d.rank:
+            x, y = s.sampler.read(which, offsets)
+            batches.append((torch.from_numpy(x).to(s.device, non_blocking=True),
+                            torch.from_numpy(y).to(s.device, non_blocking=True)))
+    return batches
+
+
+def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict, bool]:
+    """Steps until max_iters (or a stop); logs, validates and saves on their intervals. Returns the last log
+    record and whether the run stopped before max_iters. Losses stay on the device between log steps: no host
+    sync per step."""
     from rich.progress import TextColumn
 
     from toolkit.console import progress
 
-    start_step, start_time = step, time.perf_counter()
+    tc, d = s.recipe.train, s.d
+    feedback = getattr(s.sampler, "feedback", None)  # a sampler that learns from the losses (T5's curriculum)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last log
+    window_start, window_steps = time.perf_counter(), 0
+    last: dict = {}
+    start_step, start_time = s.step, time.perf_counter()
     with StopFlag() as stop, progress(TextColumn("{task.fields[status]}")) as bar:
-        task = bar.add_task("train", total=tc.max_iters, completed=step, status="", visible=d.master)
-        while step < tc.max_iters:
-            set_lr(optimizers, lr_factor(step, tc))
-            batches, buckets = [], []
-            if objective is not None:
-                objective.begin_step()
-            for m in range(tc.grad_accum):  # all ranks draw every micro-batch; each keeps its own
-                which, offsets = sampler.draw()
-                if m % d.world == d.rank:
-                    x, y = sampler.read(which, offsets)
-                    if objective is not None:
-                        x, y, b = objective.train_batch(x, step, m)
-                        buckets.append(b)
-                    batches.append((torch.from_numpy(x).to(device, non_blocking=True),
-                                    torch.from_numpy(y).to(device, non_blocking=True)))
-            row_losses = [] if objective is not None else None
-            step_loss = train_step(model, raw_model, optimizers, batches, amp, tc.grad_clip, scaler,
-                                   model.no_sync if d.enabled else None, row_losses)
-            if objective is not None:
-                objective.update(*_gather_rows(buckets, row_losses, d))
-            step += 1
-            tokens_seen += tokens_per_step
-            pending.append((step, step_loss))
+        task = bar.add_task("train", total=tc.max_iters, completed=s.step, status="", visible=d.master)
+        while s.step < tc.max_iters:
+            set_lr(s.optimizers, lr_factor(s.step, tc))
+            row_losses = [] if feedback is not None else None
+            step_loss = train_step(s.model, s.raw_model, s.optimizers, next_batches(s), s.amp, tc.grad_clip,
+                                   s.scaler, s.model.no_sync if d.enabled else None, row_losses)
+            if feedback is not None:
+                feedback(row_losses)
+            s.step += 1
+            s.tokens_seen += s.tokens_per_step
+            pending.append((s.step, step_loss))
             window_steps += 1
 
-            is_eval = step % tc.eval_interval == 0 or step == tc.max_iters
-            is_ckpt = is_eval or (tc.ckpt_interval and step % tc.ckpt_interval == 0)
-            if d.enabled:
-                flag = torch.tensor(float(stop.stop), device=device)
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0
-            else:
-                stopping = stop.stop
-            stopping = stopping or (stop_after and step - start_step >= stop_after)
-            stopping = (stopping or (time_limit and time.perf_counter() - start_time >= time_limit)) and step < tc.max_iters
-            if step % tc.log_interval == 0 or is_ckpt or stopping or step == tc.max_iters:
-                losses = check_finite()
-                now = time.perf_counter()
-                dt = now - window_start
-                elapsed += dt
-                tps = window_steps * tokens_per_step / dt
-                mfu = tps * flops_per_token / peak if peak else None
-                last_record = {"step": step, "loss": float(losses.mean()), "lr": optimizers[0].param_groups[0]["lr"],
-                               "tokens_per_s": tps, "mfu": mfu, "tokens": tokens_seen, "elapsed_s": elapsed}
-                status = (f"loss {last_record['loss']:.4f} lr {last_record['lr']:.2e} {tps:,.0f} tok/s"
-                          + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-                if scored_per_step != tokens_per_step:
-                    last_record["scored_tokens_per_s"] = tps * scored_per_step / tokens_per_step
-                    status += f" ({last_record['scored_tokens_per_s']:,.0f} scored/s)"
-                if objective is not None:
-                    last_record.update(objective.metrics())
-                    status += objective.status()
-                log(last_record)
-                bar.update(task, completed=step, status=status)
+            is_eval = s.step % tc.eval_interval == 0 or s.step == tc.max_iters
+            is_ckpt = is_eval or (tc.ckpt_interval and s.step % tc.ckpt_interval == 0)
+            stopping = any_across(stop.stop, d, s.device) or (stop_after and s.step - start_step >= stop_after)
+            stopping = (stopping or (time_limit and time.perf_counter() - start_time >= time_limit)) \
+                and s.step < tc.max_iters
+            if s.step % tc.log_interval == 0 or is_ckpt or stopping or s.step == tc.max_iters:
+                dt = time.perf_counter() - window_start
+                last = log_window(s, pending, window_steps, dt)
+                bar.update(task, completed=s.step, status=status_line(s, last))
                 pending.clear()
                 window_steps = 0
                 window_start = time.perf_counter()
             if is_eval:
-                ev = run_eval()
-                best_val = min(best_val, ev["val_loss"])
-                log({"step": step, **ev})
-                last_record.update(ev)
+                ev = validate(s)
+                s.best_val = min(s.best_val, ev["val_loss"])
+                log(s, {"step": s.step, **ev})
+                last.update(ev)
                 if d.master:
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
-                    crclm = objective.status() if objective is not None else ""
-                    console.print(f"step {step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}{crclm}")
+                    console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
+                                  f"{s.sampler.status()}", markup=False)
                 window_start = time.perf_counter()
             if is_ckpt or stopping:
-                save(step)
+                save(s)
                 window_start = time.perf_counter()
             if stopping:
-                stopped_early = True
-                break
-    if d.enabled:
-        dist.barrier()
-    summary = {"run": str(run_dir), "step": step, "stopped_early": stopped_early, "params": n_params,
-               **{k: last_record.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "mfu")}}
-    if stopped_early and d.master:
-        info(f"stopped at step {step}; checkpoint saved. Continue with: lmkit train {run_dir} --resume")
-    return summary
+                return last, True
+    return last, False
 
 
-def _gather_rows(buckets: list, row_losses: list, d: Dist) -> tuple[np.ndarray, np.ndarray]:
-    """Every micro-batch's (bucket, loss) per row in the global micro-batch order, on every rank (DDP: each rank
-    ran micro-batches m with m % world == rank), so an objective's state stays the same on all ranks."""
-    losses = torch.stack(row_losses).float()  # (micro-batches of this rank, B)
-    mine = torch.from_numpy(np.stack(buckets)).to(losses.device)
-    if d.enabled:
-        parts = [torch.empty_like(losses) for _ in range(d.world)]
-        dist.all_gather(parts, losses.contiguous())
-        bucket_parts = [torch.empty_like(mine) for _ in range(d.world)]
-        dist.all_gather(bucket_parts, mine.contiguous())
-        # rank r holds micro-batches r, r + world, ...: interleave back to 0, 1, 2, ...
-        losses = torch.stack(parts, dim=1).flatten(0, 1)
-        mine = torch.stack(bucket_parts, dim=1).flatten(0, 1)
-    return mine.cpu().numpy().reshape(-1), losses.cpu().numpy().reshape(-1)
+def log_window(s: Session, pending: list, steps: int, dt: float) -> dict:
+    """Check the losses since the last log (one host sync), write a metrics record, return it."""
+    losses = mean_across(torch.stack([loss for _, loss in pending]), s.d)
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        raise UserError(f"loss became {losses[int(bad[0])].item()} at step {pending[int(bad[0])][0]}; stopped. The "
+                        f"last good checkpoint in {s.run_dir} is kept (try a lower train.lr or train.grad_clip)")
+    s.elapsed += dt
+    tps = steps * s.tokens_per_step / dt
+    record = {"step": s.step, "loss": float(losses.mean()), "lr": s.optimizers[0].param_groups[0]["lr"],
+              "tokens_per_s": tps, "mfu": tps * s.flops_per_token / s.peak if s.peak else None,
+              "tokens": s.tokens_seen, "elapsed_s": s.elapsed}
+    if s.scored_per_step != s.tokens_per_step:
+        record["scored_tokens_per_s"] = tps * s.scored_per_step / s.tokens_per_step
+    record.update(s.sampler.metrics())
+    log(s, record)
+    return record
+
+
+def status_line(s: Session, r: dict) -> str:
+    line = (f"loss {r['loss']:.4f} lr {r['lr']:.2e} {r['tokens_per_s']:,.0f} tok/s"
+            + (f" MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""))
+    if "scored_tokens_per_s" in r:
+        line += f" ({r['scored_tokens_per_s']:,.0f} scored/s)"
+    return line + s.sampler.status()
+
+
+def log(s: Session, record: dict) -> None:
+    if s.d.master:
+        with open(s.run_dir / run_lib.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# --- validate and save ----------------------------------------------------------------------------------------
+
+
+def validate(s: Session) -> dict:
+    tc = s.recipe.train
+    result = evaluate(s.raw_model, s.shards, "val", s.seq_len, s.recipe.eval.batch_size or tc.batch_size,
+                      tc.eval_iters, s.device, s.amp, s.tok.token_bytes())
+    return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, **result.extras}
+
+
+def save(s: Session) -> None:
+    """Weights, then the training state (each written atomically); both record the step, and resume refuses a
+    pair whose steps differ."""
+    if not s.d.master:
+        return
+    run_lib.save_weights(s.raw_model, s.run_dir / run_lib.WEIGHTS, s.step)
+    run_lib.save_state({
+        "step": s.step, "optimizers": [o.state_dict() for o in s.optimizers], "sampler": s.sampler.state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
+        "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed,
+    }, s.run_dir / run_lib.STATE)
+
+
+def _metrics_truncate(path: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _val_hash(shards: ShardSet) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for a in shards.splits["val"]:
         h.update(np.ascontiguousarray(a).tobytes())

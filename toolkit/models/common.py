@@ -1,0 +1,116 @@
+"""Pieces more than one family uses: the KV cache, RoPE tables, causal masks, and the cached decoder.
+
+Each family keeps its own way of applying rotary (llama: interleaved pairs as run.c; pgpt/t5: half-split), but
+the angle tables are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Per-layer keys and values, each (batch, heads, max_len, head_dim), for `forward(idx, cache=, pos=)`.
+
+    `extra` holds what a family keeps per position besides (gpt2: the resonance features of every cached token;
+    pgpt/t5: attention-II's running sum of k_B), by name.
+    """
+
+    def __init__(self, n_layers: int, batch: int, heads: int, head_dim: int, max_len: int, device, dtype,
+                 **extra: Any):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.extra = extra
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (B, H, T, dh) at positions pos..pos+T-1; return those of 0..pos+T-1."""
+        end = pos + k.shape[2]
+        self.k[layer][:, :, pos:end] = k
+        self.v[layer][:, :, pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim / 2): position p, frequency i turns by p * theta^(-2i / head_dim)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masks
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """Boolean (tq, tk) mask of visible keys for the last tq of tk positions (the first tk - tq are in a KV cache):
+    query i, at position tk - tq + i, sees keys 0..tk - tq + i."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as an additive float one: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def causal_sdpa_args(tq: int, tk: int, device=None) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for scaled_dot_product_attention, causal queries being the last tq of tk keys:
+    SDPA's own causal flag for a whole sequence, nothing for one new token (it sees every key), and a boolean
+    mask for a chunk after cached tokens."""
+    if tq == tk:
+        return None, tq > 1
+    if tq == 1:
+        return None, False
+    return causal_mask(tq, tk, device), False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cached decoder
+
+
+def _common_prefix(a: list[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == list(b[:n]):
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class CachedDecoder:
+    """Next-token logits from a model with a KV cache (`new_cache`, `forward(idx, cache=, pos=)`) of max_seq_len
+    positions: `logits(ids)` runs only what is not in the cache yet, so a prompt prefix already there (a chat's
+    earlier turns) is reused."""
+
+    sliding = False
+
+    def __init__(self, model):
+        self.model = model
+        self.max_len = model.config.max_seq_len
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(1, self.max_len)
+        self.done: list[int] = []  # the tokens whose keys and values are in the cache
+
+    def _forward(self, new: list[int], pos: int) -> torch.Tensor:
+        idx = torch.tensor([new], dtype=torch.long, device=self.device)
+        return self.model(idx, cache=self.cache, pos=pos)[0][0, -1]
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        if len(ids) > self.max_len:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_len}")
+        n = min(_common_prefix(self.done, ids), len(ids) - 1)
+        self.done = self.done[:n]  # an interrupted forward leaves positions >= n half-written
+        out = self._forward(list(ids[n:]), n)
+        self.done = list(ids)
+        return out
