@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from rich.text import Text
+
 from toolkit import generate as G
 from toolkit.console import console, info
 from toolkit.data import chat_template as T
@@ -132,7 +134,7 @@ class Session:
         stops it; what was said so far is kept."""
         ids, notes = self.prompt_ids(text)
         for note in notes:
-            info(f"[dim]({note})[/dim]")
+            info(f"({note})", style="dim")
         stats = G.Stats()
         stream = G.TextStream(self.tok, ids)
         stop_text = T.stop_text(self.template) if self.template else None
@@ -205,7 +207,7 @@ def one_shot(session: Session, text: str, echo: bool = False) -> G.Stats:
         _stdout(text)
     _, stats = session.reply(text, _stdout)
     _stdout("\n")
-    info(f"[dim]{_speed(stats)} ({stats.stop})[/dim]")
+    info(f"{_speed(stats)} ({stats.stop})", style="dim")
     return stats
 
 
@@ -235,8 +237,8 @@ def repl(session: Session) -> None:
     prompt = PromptSession(history=FileHistory(str(history_file())), key_bindings=kb, multiline=False)
     c = session.target.model.config
     mode = f"chat template {session.template!r}" if session.template else "completion mode (a base model)"
-    console.print(f"[bold]{session.target.name}[/bold]: {session.target.model.num_params():,} parameters, "
-                  f"context {c.max_seq_len}, {mode}. /help for commands, Ctrl-D to leave.")
+    console.print(Text.assemble((session.target.name, "bold"), f": {session.target.model.num_params():,} parameters, "
+                                f"context {c.max_seq_len}, {mode}. /help for commands, Ctrl-D to leave."))
     while True:
         try:
             text = prompt.prompt("you> " if session.template else "prompt> ", multiline=False)
@@ -255,7 +257,7 @@ def repl(session: Session) -> None:
         _, stats = session.reply(text, _stdout)
         _stdout("\n")
         note = " (interrupted)" if stats.stop == "interrupted" else ""
-        console.print(f"[dim]{_speed(stats)}{note}[/dim]")
+        console.print(f"{_speed(stats)}{note}", style="dim")
 
 
 def command(session: Session, line: str) -> bool:

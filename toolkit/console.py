@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# markup off: what users wrote ("[model]" in a recipe error, a path with brackets) prints as it is
+console = Console(stderr=True, highlight=False, markup=False)
 QUIET = False
 
 
@@ -14,9 +15,9 @@ def set_quiet(quiet: bool) -> None:
     QUIET = quiet
 
 
-def info(message: str) -> None:
+def info(message: str, style: str | None = None) -> None:
     if not QUIET:
-        console.print(message, soft_wrap=True)
+        console.print(message, style=style, soft_wrap=True)
 
 
 def progress(*extra_columns) -> Progress:

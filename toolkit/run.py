@@ -8,6 +8,7 @@ Nothing is unpickled: weights are safetensors and state.pt is loaded with weight
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +120,48 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     step = load_weights(model, path / WEIGHTS)
     info = json.loads((path / RUN_INFO).read_text()) if (path / RUN_INFO).is_file() else {}
     return Run(path, recipe, tok, model.to(device).eval(), step, info)
+
+
+LOCK = "train.lock"
+
+
+def lock(run_dir: Path) -> Path:
+    """Claim a run folder for one training process: `train.lock` holds the owner's pid. A second `lmkit train`
+    into the same folder is refused while the owner lives; a lock whose process is gone (killed) is taken over."""
+    path = Path(run_dir) / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise UserError(f"{run_dir} is being trained by process {pid}; wait for it to finish, or stop it "
+                                f"(a lock left by a process that is gone is taken over)") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path
+    raise UserError(f"{run_dir}: could not take {LOCK} (another process keeps making it)")
+
+
+def unlock(run_dir: Path) -> None:
+    path = Path(run_dir) / LOCK
+    try:
+        if int(path.read_text().strip() or 0) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

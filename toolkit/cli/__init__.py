@@ -11,6 +11,7 @@ import sys
 
 import click
 import typer
+from rich.text import Text
 
 from toolkit import __version__, console
 from toolkit.errors import UserError
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if DEBUG:
             raise
-        console.console.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        console.console.print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         if DEBUG:

@@ -161,7 +161,7 @@ def print_summary(summary: dict) -> None:
 
     from toolkit.compare import SUMMARY_COLUMNS, difference_line, summary_rows
 
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # no clipped names in pipes
+    out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 120)  # no clipped names in pipes
     table = Table(title=f"{summary['a']} vs {summary['b']} (same val windows)")
     for col in SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col == "arm" else "right")

@@ -48,7 +48,7 @@ def export(
         for path in result.files[1:]:
             info(f"  + {path}")
         for w in result.warnings:
-            info(f"[yellow]warning:[/] {w}")
+            info(f"warning: {w}", style="yellow")
         if h.version == 0 and not result.warnings:
             tok = next((p for p in result.files if p.name == "tokenizer.bin"), None)
             info(f"run it with llama2.c: ./run {out} -z {tok} -t 0 -n 256 -i \"Once upon a time\"")

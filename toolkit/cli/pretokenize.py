@@ -32,7 +32,8 @@ def pretokenize(
     if not (corpus / "manifest.json").exists() and any(corpus.glob("*.bin")):
         tok_meta = tokenizers.read_meta(tokenizer)
         meta = shards.convert_llama2c(corpus, out, tok_meta["vocab_size"], tok_meta, overwrite=force)
-        info(f"{out}: converted llama2.c shards, {meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens")
+        info(f"{out}: converted .bin shards ({meta['split_rule']}), {meta['tokens']['train']:,} train / "
+             f"{meta['tokens']['val']:,} val tokens")
         return
     if shard_tokens < 1024:
         raise UserError("--shard-tokens: expected at least 1024")

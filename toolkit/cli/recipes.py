@@ -28,7 +28,7 @@ def list_recipes():
         shape = "/".join(str(getattr(m, k)) for k in ("dim", "n_layers", "n_heads") if hasattr(m, k))
         tok = r.tokenizer.kind + (f" {r.tokenizer.vocab_size}" if r.tokenizer.kind == "sentencepiece" else "")
         table.add_row(path.stem, m.family, shape, tok, r.data.source, r.description)
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(120, Console().width), markup=False).print(table)
 
 
 @app.command("show")

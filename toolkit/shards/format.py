@@ -9,6 +9,7 @@ uint16 `.bin` files are read too (the first sorted file is val, as llama2.c's lo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,11 +149,35 @@ def llama2c_splits(arrays: list[np.ndarray]) -> dict:
     return {"train": arrays[1:], "val": arrays[:1]}
 
 
+NAME_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "val"}
+
+
+def split_from_name(path: Path) -> str | None:
+    """`train` or `val` when the file name says so (llm.c, modded-nanogpt, attn_demo: tinystories_val_000000.bin)."""
+    words = [w for w in re.split(r"[^a-z]+", Path(path).stem.lower()) if w]
+    found = {NAME_SPLITS[w] for w in words if w in NAME_SPLITS}
+    return found.pop() if len(found) == 1 else None
+
+
+def headerless_splits(files: list[Path]) -> tuple[dict, str]:
+    """The splits of a folder of .bin files without meta.json, and the rule that chose them: the file names when
+    they say train/val, else llama2.c's order (the first sorted file is val)."""
+    named = [split_from_name(f) for f in files]
+    if any(named):
+        unnamed = [f.name for f, n in zip(files, named) if n is None]
+        if unnamed:
+            raise UserError(f"{files[0].parent}: {', '.join(unnamed[:3])} say(s) neither train nor val while other "
+                            "files do; rename them, or add a meta.json")
+        splits = {s: [open_shard(f) for f, n in zip(files, named) if n == s] for s in ("train", "val")}
+        return splits, "split by file name (train/val)"
+    return llama2c_splits([open_shard(f) for f in files]), "llama2.c's order: the first sorted file is val"
+
 
 class ShardSet:
     """The train and val token streams of a shard folder, memory-mapped (with loss masks for chat data)."""
 
     masks: dict | None = None
+    split_rule = "meta.json"  # how the split of each shard was known
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -169,7 +194,7 @@ class ShardSet:
             files = sorted(self.folder.glob("*.bin"))
             if not files:
                 raise UserError(f"{folder}: no shards (no meta.json and no .bin files)")
-            self.splits = llama2c_splits([open_shard(f) for f in files])
+            self.splits, self.split_rule = headerless_splits(files)
             self.meta = {"tokenizer": {"kind": "unknown", "fingerprint": ""}, "vocab_size": 0,
                          "tokens": {s: int(sum(len(a) for a in v)) for s, v in self.splits.items()}}
         for split in ("train", "val"):

@@ -18,8 +18,7 @@ from toolkit.shards.format import (
     PretokenizeResult,
     ShardWriter,
     dtype_for,
-    llama2c_splits,
-    open_shard,
+    headerless_splits,
     prepare_out_dir,
     read_header,
     shard_meta,
@@ -155,7 +154,7 @@ def convert_llama2c(bin_dir: Path, out_dir: Path, vocab_size: int, tokenizer_met
     if not files:
         raise UserError(f"{bin_dir}: no .bin files")
     out_dir = Path(out_dir)
-    splits = llama2c_splits([open_shard(f) for f in files])
+    splits, rule = headerless_splits(files)
     prepare_out_dir(out_dir, overwrite)
     tokens, shards = {}, {}
     for split, parts in splits.items():
@@ -167,7 +166,7 @@ def convert_llama2c(bin_dir: Path, out_dir: Path, vocab_size: int, tokenizer_met
             tokens[split] += len(part)
     table = tokenizer_meta or {"kind": "unknown", "fingerprint": "", "vocab_size": vocab_size}
     meta = shard_meta({**table, "vocab_size": vocab_size}, np.uint16, tokens, shards,
-                      source=f"llama2.c bins: {bin_dir}")
+                      source=f"llama2.c bins: {bin_dir}", split_rule=rule)
     write_meta(out_dir, meta)
     return meta
 

@@ -193,8 +193,8 @@ class PrioritySampler(BatchSampler):
                             f"(`lmkit audio score {codes_dir} -o {scores}`) or set data.scores")
         missing = sorted(set(range(len(files))) - set(index[keep].tolist()))
         if missing:
-            info(f"[yellow]warning:[/] {len(missing)} of {len(files)} {split} file(s) have no chunks in {scores} "
-                 f"and are never drawn (e.g. {files[missing[0]]['file']})")
+            info(f"warning: {len(missing)} of {len(files)} {split} file(s) have no chunks in {scores} "
+                 f"and are never drawn (e.g. {files[missing[0]]['file']})", style="yellow")
         file_of = index[keep]
         code0 = f_start[file_of] + has_bos  # the file's first code token (after its BOS)
         centre = code0 + middle[keep] * tpf

@@ -53,7 +53,7 @@ class StopFlag:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        console.print("\n[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)[/]")
+        console.print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", style="yellow")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -144,9 +144,13 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
     `stop_after` > 0 stops (with a checkpoint) after that many steps of this call, as Ctrl-C does:
     time-sliced jobs continue later with `resume`. `time_limit` > 0 does the same after that many seconds.
     """
-    s = setup(recipe, run_dir, resume, init_from, force)
-    last, stopped_early = fit(s, stop_after, time_limit)
-    barrier(s.d)
+    run_dir = Path(run_dir or run_dir_for(recipe))
+    try:
+        s = setup(recipe, run_dir, resume, init_from, force)
+        last, stopped_early = fit(s, stop_after, time_limit)
+        barrier(s.d)
+    finally:
+        run_lib.unlock(run_dir)
     summary = {"run": str(s.run_dir), "step": s.step, "stopped_early": stopped_early, "params": s.raw_model.num_params(),
                **{k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "mfu")}}
     if stopped_early and s.d.master:
@@ -186,6 +190,8 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
     tok = prepared.tokenizer
     shards = ShardSet(prepared.shards)
     shards.check_tokenizer(tok)
+    if d.master and shards.split_rule != "meta.json":
+        info(f"{shards.folder}: no meta.json, {shards.split_rule}")
     recipe = with_tokenizer(recipe, tok)
     seq_len = recipe.model.max_seq_len
 
@@ -222,14 +228,18 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """Check that `run_dir` may be trained into, and claim it (train.lock) before anything in it changes."""
+    if (run_dir / run_lib.LOCK).is_file():
+        run_lib.lock(run_dir)  # refuses while another process trains into it; takes over a stale lock
     if resume and not (run_dir / run_lib.STATE).is_file():
         raise UserError(f"{run_dir}: no checkpoint to resume from ({run_lib.STATE} missing)")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.exists() and any(p.name != run_lib.LOCK for p in run_dir.iterdir()):
         if not force:
             raise UserError(f"{run_dir} already holds a run; use --resume to continue it or --force to start over")
         for name in (run_lib.WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_lib.lock(run_dir)
 
 
 def with_tokenizer(recipe, tok):
@@ -356,7 +366,7 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                 if d.master:
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
                     console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
-                                  f"{s.sampler.status()}", markup=False)
+                                  f"{s.sampler.status()}")
                 window_start = time.perf_counter()
             if is_ckpt or stopping:
                 save(s)
