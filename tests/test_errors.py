@@ -121,3 +121,40 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tiny_re
     monkeypatch.setattr(run_lib, "save_file", real)
     assert run_lib.load_run(run).step == 4 == run_lib.load_state(run / run_lib.STATE)["step"]
     assert train(recipe_lib.load(run / run_lib.RECIPE, ["train.max_iters=8"]), run, resume=True)["step"] == 8
+
+
+def test_a_jsonl_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    code, _, err = lmkit(capsys, "data", str(bad), "-o", str(tmp_path / "corpus"))
+    assert code == 1 and f"{bad}:2: not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+
+
+def test_audio_files_that_are_not_what_their_name_says(tmp_path, capsys):
+    import soundfile as sf
+
+    from toolkit.audio.io import read_audio
+
+    fake = tmp_path / "song.mp3"
+    fake.write_text("this is text, not audio")
+    with pytest.raises(UserError, match="not an audio file it can decode") as e:
+        read_audio(fake, 24000)
+    assert "does not exist" not in str(e.value)
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, np.zeros(48000, np.float32), 24000)
+    assert len(read_audio(whole, 24000)) == 48000
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(UserError, match=r"truncated: its header declares 96,000 bytes of audio, the file holds 1,956"):
+        read_audio(cut, 24000)
+    for name in ("song.mp3", "cut.wav"):
+        code, _, err = lmkit(capsys, "audio", "info", str(tmp_path / name))
+        assert code == 1 and "not a code file" in err
+        assert "pickle" not in err.lower()
+
+
+def test_a_code_file_with_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path, capsys):
+    bad = tmp_path / "codes.npz"
+    np.savez(bad, codes=np.array([{"a": 1}], dtype=object))
+    code, _, err = lmkit(capsys, "audio", "info", str(bad))
+    assert code == 1 and "pickled objects" in err and "allow_pickle" not in err

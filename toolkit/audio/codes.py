@@ -74,9 +74,14 @@ def load_codes(path: str | Path) -> CodeFile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"code file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): not an .npz archive")
     try:
         data = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except ValueError:  # numpy's message advises unpickling, which lmkit never does
+        raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`)") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): {e}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): a single array")

@@ -46,11 +46,38 @@ def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot read audio {path}: {e}") from None
+        # libsndfile says "File does not exist" of a file it cannot decode: the file is there
+        reason = "not an audio file it can decode" if "does not exist" in str(e) else str(e)
+        raise UserError(f"cannot read audio {path}: {reason}") from None
+    check_wav_length(path)
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     if len(audio) == 0:
         raise UserError(f"{path}: the file holds no audio")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def check_wav_length(path: Path) -> None:
+    """A WAV file cut short (a copy or download that stopped) still decodes, as fewer frames than its header
+    declares: refuse it rather than encode a fraction of the audio silently."""
+    if path.suffix.lower() != ".wav":
+        return
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            name, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if name == b"data":
+                available = size - f.tell()
+                if length not in (0, 0xFFFFFFFF) and available < length:  # 0 / -1: streamed, length unknown
+                    raise UserError(f"{path}: truncated: its header declares {length:,} bytes of audio, the file "
+                                    f"holds {available:,} ({100 * available / length:.1f} %)")
+                return
+            f.seek(length + (length & 1), 1)
 
 
 def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:

@@ -69,8 +69,13 @@ def read_text(path: Path) -> str:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed row) for each non-blank line; a bad line is a clear error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:
