@@ -1,7 +1,7 @@
 """Pretokenize throughput: lmkit's multi-process pretokenize vs a single-process loop that encodes one
 document at a time (how llama2.c's pretokenize works). Prints JSON.
 
-    python benchmarks/pretokenize.py ../shared/data/tinystories --vocab-size 4096
+    python benchmarks/pretokenize.py path/to/tinystories --vocab-size 4096
     python benchmarks/pretokenize.py data/corpus --tokenizer data/tok4096 --repeat 4
 
 SOURCE is a corpus folder (from `lmkit data`) or any `lmkit data` source (it is collected into a

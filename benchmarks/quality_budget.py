@@ -1,7 +1,7 @@
 """Quality per wall-clock budget: train a recipe for M minutes on a data source, print final val loss and
 bits per byte as JSON.
 
-    python benchmarks/quality_budget.py recipes/tinystories15m.toml --data ../shared/data/tinystories --minutes 10 \\
+    python benchmarks/quality_budget.py recipes/tinystories15m.toml --data path/to/tinystories --minutes 10 \\
         --set train.batch_size=16 --set train.grad_accum=1
 
 max_iters is set from a short throughput calibration so that the schedule ends near the budget

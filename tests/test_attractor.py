@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attractor_reference as reference
 from toolkit import recipe as recipe_lib
 from toolkit.errors import UserError
-from toolkit.models import attractor
-from toolkit.models.attractor import Config, Model
+from toolkit.models.attractor import Config, Model, relax
+from toolkit.models.attractor import model as attractor_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,54 +26,7 @@ def tiny(**kw) -> Model:
     return Model(Config(**{**TINY, **kw}))
 
 
-# ---- a hand-written reference of one outer step -------------------------------------------------------------
-
-
-def reference_step(m: Model, S0: torch.Tensor, rows: int) -> torch.Tensor:
-    """One outer step written out from seeds.md 1.2, position by position and head by head."""
-    c = m.config
-    W, H, d = c.window, c.n_waves, c.wave_dim
-    sp = F.softplus
-    gamma, scale, cdt, a = sp(m.coupling_gamma), sp(m.coupling_scale), sp(m.coupling_dt), m.coupling_asym
-    S = S0.clone()
-    coupled = S.clone()
-    for i in range(W):
-        for j in range(W):
-            if j != i:
-                w = math.exp(-gamma.item() * abs(i - j)) * max(0.2, 1 + 1.25 * math.tanh(a.item()) * (1 if j > i else -1))
-                coupled[:, i] += cdt.item() * scale.item() * w * (S[:, j] - S[:, i])
-    x = coupled.detach().requires_grad_()
-    per_row = []
-    for n in range(x.shape[0]):
-        e = 0
-        for w_ in range(W):
-            for h in range(H):
-                u = x[n, w_, h * d : (h + 1) * d]
-                e = e + m.energy_w2[h] @ torch.tanh(m.energy_w1[h] @ u + m.energy_b1[h]) + m.energy_b2[h]
-        per_row.append(e / W)
-    E = torch.stack(per_row).sum() / rows  # the mean over the batch rows
-    (g,) = torch.autograd.grad(E, x)
-    S = (x - c.dt * g).detach()
-    for n in range(S.shape[0]):
-        for w_ in range(W):
-            for h in range(H):
-                v = S[n, w_, h * d : (h + 1) * d]
-                S[n, w_, h * d : (h + 1) * d] = v / v.norm()
-    T = []
-    for n in range(S.shape[0]):
-        sq = sum(((S[n, i + 1] - S[n, i]) ** 2).mean() for i in range(W - 1)) / (W - 1)
-        cos = sum(F.cosine_similarity(S[n, i + 1], S[n, i], dim=0) for i in range(W - 1)) / (W - 1)
-        T.append(sq + 0.35 * (1 - cos))
-    if max(T) > 0.18:  # the high-tension break: every position moves along its own change this step
-        alpha = 0.1 * min(max((0.12 - sum(T).item() / len(T)) / 0.12, 0.1), 2.0)
-        for n in range(S.shape[0]):
-            for w_ in range(W):
-                delta = S[n, w_] - S0[n, w_]
-                S[n, w_] = S[n, w_] + alpha * delta / delta.norm()
-                for h in range(H):
-                    v = S[n, w_, h * d : (h + 1) * d]
-                    S[n, w_, h * d : (h + 1) * d] = v / v.norm()
-    return S
+# ---- the relaxation against the reference written out from the seed (tests/attractor_reference.py) ---------
 
 
 def test_one_relaxation_step_equals_the_hand_written_reference():
@@ -80,26 +34,35 @@ def test_one_relaxation_step_equals_the_hand_written_reference():
     with torch.no_grad():
         m.coupling_asym.fill_(0.3)
     S0 = m.embed(torch.randint(0, 50, (3, 4)))
-    ref = reference_step(m, S0, rows=3)
+    torch.manual_seed(2)
+    ref, _, T_ref = reference.relax(m, S0, rows=3)
+    torch.manual_seed(2)
     with torch.no_grad():
         out, _, T = m.relax(S0, rows=3, keep_states=False)
-    assert T.max() > attractor.HIGH_TENSION  # the break fired (as on every step of the seed's runs)
+    assert T.max() > relax.HIGH_TENSION  # the break fired (as on every step of the seed's runs)
     assert not torch.allclose(ref, F.normalize(S0.unflatten(-1, (2, -1)), dim=-1).flatten(-2), atol=1e-3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(T, T_ref, atol=1e-6, rtol=1e-5)
 
 
-def test_vectorized_path_equals_the_autograd_reference_with_gradients():
+@pytest.mark.parametrize("path", ["fast", "hand_backward_off", "seed_style"])
+def test_relaxation_paths_equal_the_seed_reference_with_gradients(path):
+    """The fast path (with the hand-written backward, and through autograd) and the seed-style loop of
+    `vectorized = false` against the reference, in training: logits, the whole loss and its gradients."""
     x = torch.randint(0, 50, (3, 8))
     y = torch.randint(0, 50, (3, 8))
     out = {}
-    for vec in (True, False):
-        m = tiny(vectorized=vec, steps=4, dt=2.0)
+    for ref in (True, False):
+        m = tiny(vectorized=path != "seed_style", steps=4, dt=2.0)
+        m.hand_backward = path != "hand_backward_off"
+        if ref:
+            m.relax = lambda S, rows, keep_states, m=m: reference.relax(m, S, rows, keep_states)
         m.train()
         torch.manual_seed(1)
         logits, loss = m(x, y)
         loss.backward()
-        out[vec] = (logits.detach(), loss.item(), m.energy_w1.grad.clone(), m.embedder.weight.grad.clone())
-    (la, a, ga, ea), (lb, b, gb, eb) = out[True], out[False]
+        out[ref] = (logits.detach(), loss.item(), m.energy_w1.grad.clone(), m.embedder.weight.grad.clone())
+    (la, a, ga, ea), (lb, b, gb, eb) = out[False], out[True]
     torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
     assert a == pytest.approx(b, rel=1e-5)
     torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)  # second-order grads of the energy heads agree
@@ -120,44 +83,45 @@ def test_per_wave_norms_hold_after_every_step_and_breaks_fire():
     m2 = tiny(steps=6, breaks=False)
     with torch.no_grad():
         S_nb, _, _ = m2.relax(S0, rows=5, keep_states=False)
-    assert T.max() > attractor.HIGH_TENSION and not torch.allclose(S_nb, states[-1])
+    assert T.max() > relax.HIGH_TENSION and not torch.allclose(S_nb, states[-1])
 
 
 def test_tension_and_break_formulas():
     S = F.normalize(torch.randn(2, 4, 6), dim=-1)
-    T = attractor.tension(S)
+    T = relax.tension(S)
     a, b = S[:, 1:], S[:, :-1]
     expect = ((a - b) ** 2).mean((1, 2)) + 0.35 * (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean(1)
     torch.testing.assert_close(T, expect)
     # a high-tension break moves each position by alpha along its own change, then renormalises per wave
-    m = tiny()
     start = F.normalize(torch.randn(2, 4, 8), dim=-1)
     S = F.normalize(start + 0.5 * torch.randn(2, 4, 8), dim=-1)
     Tv = torch.tensor([0.3, 0.05])
-    out, _ = m._break(S.transpose(0, 1), start.transpose(0, 1), Tv, torch.zeros(1), rows=2)
+    direction = F.normalize(torch.randn(4, 2, 8), dim=-1)  # (a break's direction where there is no change)
+    out, _ = relax.seed_break(S.transpose(0, 1), start.transpose(0, 1), Tv, torch.zeros(1), 2, direction, 2, True)
     out = out.transpose(0, 1)
     alpha = 0.1 * min(max((0.12 - Tv.mean().item()) / 0.12, 0.1), 2.0)
     delta = S - start
     moved = S + alpha * delta / delta.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(out, attractor.wave_normalize(moved, 2))
-    same, _ = m._break(S.transpose(0, 1), start.transpose(0, 1), torch.tensor([0.1, 0.1]), torch.zeros(1), rows=2)
+    torch.testing.assert_close(out, relax.wave_normalize(moved, 2))
+    same, _ = relax.seed_break(S.transpose(0, 1), start.transpose(0, 1), torch.tensor([0.1, 0.1]), torch.zeros(1), 2,
+                               direction, 2, True)
     torch.testing.assert_close(same.transpose(0, 1), S)  # no rule fires
 
 
 def test_low_tension_break_needs_four_steps_in_a_row():
-    m = tiny()
     S = F.normalize(torch.randn(1, 4, 8), dim=-1)
     start = F.normalize(torch.randn(1, 4, 8), dim=-1)
+    direction = F.normalize(torch.randn(1, 4, 8), dim=-1)
     count = torch.zeros(1)
     for k in range(4):
-        out, count = m._break(S, start, torch.tensor([0.01]), count, rows=1)
+        out, count = relax.seed_break(S, start, torch.tensor([0.01]), count, 1, direction, 2, True)
         assert torch.equal(out, S) == (k < 3)
     assert count.item() == 0  # reset after firing
 
 
 def test_coupling_matrix_is_the_seed_laplacian():
     g, s, dt, a = torch.tensor(0.52), torch.tensor(0.07), torch.tensor(0.09), torch.tensor(0.4)
-    M = attractor.coupling_matrix(g, s, dt, a, 5)
+    M = relax.coupling_matrix(g, s, dt, a, 5)
     for i in range(5):
         for j in range(5):
             if i != j:
@@ -203,7 +167,7 @@ def test_trajectory_loss_terms_equal_their_formulas():
         bias[n, ctx[n, -1]] -= 2.0
         for tok in ctx[n, -3:]:
             bias[n, tok] -= 1.0
-    assert torch.allclose(attractor.shape_logits(torch.zeros(N, V), ctx, E), bias, atol=1e-6)
+    assert torch.allclose(attractor_model.shape_logits(torch.zeros(N, V), ctx, E), bias, atol=1e-6)
     shaped = logits + bias + 0.005 * noise1
     ent = -(shaped.softmax(-1) * shaped.log_softmax(-1)).sum(-1)
     assert (ent < 1.0 * (1 + t)).tolist() == [True, True, False, False, False, False]
@@ -349,15 +313,15 @@ def test_generation_respects_the_window():
     assert all(a != b for a, b in zip(out, out[1:]))  # the last-token penalty of 5 nats forbids immediate repeats
 
 
-def test_eval_extras_report_the_seed_val_ce():
+def test_eval_forward_reports_the_seed_val_ce():
     m = tiny()
     m.eval()
     x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
     with torch.no_grad():
-        logits, _ = m(x)
-        extras = m.eval_extras(logits, y)
+        logits, extras = m.eval_forward(x, y)
+        torch.testing.assert_close(logits, m(x)[0])
     ctx = m.windows(x).reshape(-1, 4)
-    shaped = logits.reshape(-1, 50) + attractor.shape_logits(torch.zeros(16, 50), ctx, m.embedder.weight)
+    shaped = logits.reshape(-1, 50) + attractor_model.shape_logits(torch.zeros(16, 50), ctx, m.embedder.weight)
     expect = F.cross_entropy(shaped, y.reshape(-1), label_smoothing=0.06, reduction="sum").item()
     assert extras["seed_val_ce"] == pytest.approx(expect, rel=1e-5)
 
@@ -442,7 +406,7 @@ def test_hand_written_backward_equals_autograd(case, monkeypatch):
     breaks in every group, in some groups only (and low-tension steps), and the random direction of a break
     that finds no change."""
     if case == "some_fire":
-        monkeypatch.setattr(attractor, "HIGH_TENSION", 0.6)  # some position groups above, some below
+        monkeypatch.setattr(relax, "HIGH_TENSION", 0.6)  # some position groups above, some below
     x = torch.randint(0, 50, (3, 8))
     out = {}
     for hand in (True, False):
@@ -467,42 +431,22 @@ def test_hand_written_backward_equals_autograd(case, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-def test_cast_linear_equals_autocast_linear():
-    """`CastLinear` gives autocast's numbers and gradients, accumulates over micro-batches, reuses its gradient
-    memory after .grad is cleared, and follows the weight through an optimizer step."""
-    m = tiny()
-    x = torch.randn(5, 32, requires_grad=True)
-    out = {}
-    for kept in (True, False):
-        m.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m.linear(x, m.readout_window.weight) if kept else m.readout_window(x)
-        assert y.dtype == torch.bfloat16
-        (y.float() * torch.arange(50.0)).sum().backward()
-        out[kept] = (y.detach(), x.grad.clone(), m.readout_window.weight.grad.clone())
-    for a, b in zip(out[True], out[False]):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    w = m.readout_window.weight
-
-    def backward():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m.linear(x, w)
-        (y.float() * torch.arange(50.0)).sum().backward()
-
-    w.grad = None
-    backward()
-    first = w.grad
-    backward()  # accumulation over micro-batches adds to .grad
-    torch.testing.assert_close(w.grad, 2 * out[False][2])
-    w.grad = None  # the trainer's zero_grad(set_to_none=True): the next gradient reuses the same memory
-    backward()
-    torch.testing.assert_close(w.grad, out[False][2], atol=0, rtol=0)
-    assert w.grad.data_ptr() == first.data_ptr()
-    opt = torch.optim.Adam([w], lr=0.1, fused=True)  # updates in place without bumping w._version
-    opt.step()
+def test_bf16_autocast_relaxes_in_fp32_and_reads_out_in_bf16():
+    """Under bf16 autocast the relaxation stays in fp32 (its steps of ~1e-4 would vanish in bf16) and the readouts
+    are autocast's bf16 linears; the weights' gradients are fp32."""
+    m = tiny(loss="ce")
+    m.train()
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(m.linear(x, w), m.readout_window(x), atol=0, rtol=0)
+        logits, loss = m(x, y)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    assert m.readout_window.weight.grad.dtype == torch.float32 and m.energy_w1.grad.abs().sum() > 0
+    with torch.no_grad():
+        S, _, _ = m.relax(m.embed(m.windows(x).reshape(-1, 4)), rows=2, keep_states=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expect = m.readout_window(S.reshape(16, -1) / m.temperature)
+    torch.testing.assert_close(logits.detach().reshape(16, -1), expect, atol=0, rtol=0)
 
 
 def test_smoothed_nll_is_cross_entropy_with_label_smoothing():
@@ -510,7 +454,7 @@ def test_smoothed_nll_is_cross_entropy_with_label_smoothing():
     y = torch.randint(0, 50, (6,))
     y[2] = -1
     expect = F.cross_entropy(logits, y, ignore_index=-1, label_smoothing=0.06)
-    got = attractor.smoothed_nll(F.log_softmax(logits, -1), y)
+    got = attractor_model.smoothed_nll(F.log_softmax(logits, -1), y)
     assert got.item() == pytest.approx(expect.item(), rel=1e-6)
 
 
@@ -524,4 +468,4 @@ def test_last_tension_of_a_zeroed_step_is_the_seeds():
     S0 = F.normalize(torch.randn(6, 4, 8), dim=-1).requires_grad_()
     S, _, T = m.relax(S0, rows=6, keep_states=True)
     assert S.abs().sum() == 0
-    assert torch.allclose(T, attractor.tension(S.detach()))  # 0.35 (1 - cos(0, 0)) = 0.35 per window
+    assert torch.allclose(T, relax.tension(S.detach()))  # 0.35 (1 - cos(0, 0)) = 0.35 per window

@@ -196,7 +196,9 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
     seq_len = recipe.model.max_seq_len
 
     torch.manual_seed(tc.seed)
-    model = models.build(recipe.model, tok.vocab_size).to(device)
+    # a family that initialises from the vocabulary (gpt2's rhyme init) gets each id's text
+    strings = [tok.decode([i]) for i in range(tok.vocab_size)] if getattr(recipe.model, "rhyme_init", False) else None
+    model = models.build(recipe.model, tok.vocab_size, token_strings=strings).to(device)
     if init_from is not None:
         run_lib.load_weights(model, init_from / run_lib.WEIGHTS)
     optimizers = build_optimizers(model, tc, device.type)
