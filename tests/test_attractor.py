@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import attractor_reference as reference
 import pytest
 import torch
 import torch.nn.functional as F
 
-import attractor_reference as reference
 from toolkit import recipe as recipe_lib
 from toolkit.errors import UserError
 from toolkit.models.attractor import Config, Model, relax

@@ -100,7 +100,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured: float = 0.0
     if device.type == "cpu":
         if dtype not in _cpu_peak:
             n = 1024
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            g = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's dropout must not see this
+            a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
             a @ b
             best = float("inf")
             for _ in range(5):  # the best of a few short trials: other load only ever slows a trial down

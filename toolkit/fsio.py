@@ -2,6 +2,10 @@
 
 A crash (or kill -9) mid-write leaves the previous file, or no file, never half of one. A write that fails
 (disk full, read-only folder) ends in a UserError naming the path, and the temporary file is removed.
+
+Fault-injection hook, for benchmarks/faults.py and tests/test_faults.py only: with `LMKIT_SLOW_WRITES=SECONDS` in
+the environment, `atomic_write` sleeps that long after the temporary file is written and before the rename, so a
+kill -9 can be aimed inside a write. It is read at each call; unset (the default) or 0, nothing waits.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        _slow_write_hook()
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -38,6 +44,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _slow_write_hook() -> None:
+    """The fault-injection pause (see the module docstring): `LMKIT_SLOW_WRITES` seconds, read now."""
+    delay = os.environ.get("LMKIT_SLOW_WRITES")
+    if delay:
+        time.sleep(float(delay))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

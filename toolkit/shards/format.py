@@ -59,11 +59,15 @@ def read_header(path: Path) -> tuple[int, int] | None:
 def open_shard(path: Path) -> np.ndarray:
     """Memory-map a shard's tokens (llm.c header, or llama2.c's headerless uint16)."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"shard file not found: {path}")
     size = path.stat().st_size
     header = read_header(path)
     if header is None:
         if size % 2:
             raise UserError(f"{path}: neither an llm.c shard (no magic {MAGIC}) nor headerless uint16 tokens")
+        if size == 0:  # numpy cannot memory-map an empty file
+            return np.zeros(0, dtype=np.uint16)
         return np.memmap(path, dtype=np.uint16, mode="r")
     version, count = header
     if version not in VERSION_DTYPE:
@@ -207,10 +211,6 @@ class ShardSet:
 
     def tokens(self, split: str) -> int:
         return int(sum(len(a) for a in self.splits[split]))
-
-    def bytes_per_token(self, split: str = "val") -> float | None:
-        b = self.meta.get("bytes", {}).get(split)
-        return b / self.tokens(split) if b else None
 
     def check_tokenizer(self, tok) -> None:
         if self.fingerprint and self.fingerprint != tok.fingerprint:

@@ -25,6 +25,11 @@ def gather(arrays: list[np.ndarray], which: np.ndarray, offsets: np.ndarray, len
     return out
 
 
+def mask_targets(y: np.ndarray, masks: list[np.ndarray], which: np.ndarray, offsets: np.ndarray) -> None:
+    """Targets whose loss-mask byte is 0 (chat prompts) become -1, which the loss ignores; in place."""
+    y[gather(masks, which, offsets + 1, y.shape[1]) == 0] = -1
+
+
 class BatchSampler:
     """Random (input, target) windows of seq_len + 1 tokens from a split.
 
@@ -57,7 +62,7 @@ class BatchSampler:
         rows = gather(self.arrays, which, offsets, self.seq_len + 1)
         x, y = rows[:, :-1], rows[:, 1:].copy()
         if self.masks is not None:
-            y[gather(self.masks, which, offsets + 1, self.seq_len) == 0] = -1  # not a target: ignored by the loss
+            mask_targets(y, self.masks, which, offsets)
         return x, y
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +99,7 @@ def eval_windows(shards: ShardSet, split: str, seq_len: int, batch_size: int, ma
         rows = gather(shards.splits[split], which_a[sl], offsets_a[sl], seq_len + 1)
         y = rows[:, 1:].copy()
         if shards.masks:
-            y[gather(shards.masks[split], which_a[sl], offsets_a[sl] + 1, seq_len) == 0] = -1
+            mask_targets(y, shards.masks[split], which_a[sl], offsets_a[sl])
         yield rows[:, :-1], y
 
 

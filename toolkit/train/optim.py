@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from toolkit.models.base import LanguageModel
+
 GROUP_NAMES = ("embedding", "head", "matrix", "scalar")
 
 
@@ -58,7 +60,7 @@ def _make(kind: str, groups: list[dict], device_type: str):
 
 def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.optim.Optimizer]:
     """One optimizer per optimizer kind in use; each param group remembers its `base_lr`."""
-    named = model.optimizer_groups() or default_groups(model)
+    named = (model.optimizer_groups() if isinstance(model, LanguageModel) else None) or default_groups(model)
     unknown = set(cfg.groups) - set(named)
     if unknown:
         from toolkit.errors import UserError

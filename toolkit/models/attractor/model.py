@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import toolkit.models.attractor.relax as relax
 from toolkit.errors import check, check_choice
-from toolkit.models.attractor import relax
 from toolkit.models.base import LanguageModel
 
 # the seed's constants (seeds.md 1.2); the relaxation's are in relax.py

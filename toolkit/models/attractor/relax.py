@@ -108,10 +108,11 @@ def couple_loop(S, gamma, scale, dt, asym, H: int):
     return torch.stack(out, 2).flatten(-2)
 
 
-def energy_grad_autograd(S, w1, b1, w2, b2):
-    """grad of the summed window energies on S (..., W, D) by autograd, with create_graph when grad is on (the
-    second-order gradients that train the heads), one head call per wave (the seed)."""
-    H, W = w1.shape[0], S.shape[-2]
+def energy_grad_autograd(S, w1, b1, w2, b2, W: int):
+    """grad of the summed window energies (each a mean over its W positions) on states S (..., D) by autograd,
+    with create_graph when grad is on (the second-order gradients that train the heads), one head call per wave
+    (the seed)."""
+    H = w1.shape[0]
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         x = S if S.requires_grad else S.detach().requires_grad_()
@@ -155,7 +156,7 @@ def relax_seed_style(S, coupling_params, heads, c, rows: int, step: float, keep_
         S = couple_loop(S.transpose(0, 1), *coupling_params, H).transpose(0, 1)
         if not c.backprop_through_relaxation:
             S = S.detach()
-        S = S - step * energy_grad_autograd(S, *heads)
+        S = S - step * energy_grad_autograd(S, *heads, W)
         S = torch.nan_to_num(S, nan=0.0, posinf=0.0, neginf=0.0)  # the seed zeroes non-finite values
         # the seed clamps each wave's norm to [1e-3, 12] and then normalises it: the clamp keeps the
         # direction, so with normalisation on it changes nothing and is skipped
@@ -222,7 +223,7 @@ class StepTape:
 
     X: torch.Tensor  # the step's start state (H, W, N, d)
     s: torch.Tensor  # sigmoid(2 (W1 u + b1)) (H, W * N, d)
-    finite: torch.Tensor  # 1.0 where the energy step was finite, 0.0 where it was zeroed (H, W, N, d)
+    zeroed: torch.Tensor  # 1.0 where the energy step was not finite and was zeroed, else 0.0 (H, W, N, d)
     Y: torch.Tensor  # the normalised state after the energy step (H, W, N, d)
     nY: torch.Tensor  # its clamped per-wave norms before the normalisation (H, W, N, 1)
     n: torch.Tensor | None = None  # |Y - X| per position (W, N)
@@ -234,7 +235,7 @@ class StepTape:
 def unit_counts(nY: torch.Tensor) -> torch.Tensor:
     """Squared norm per position (W, N) of normalised waves whose clamped norms were `nY` (H, W, N, 1): a wave
     with norm above the clamp became a unit vector, a zeroed one stays 0."""
-    return (nY > 1e-12).to(nY.dtype).sum(0)[..., 0]
+    return torch.sum(nY[..., 0] > 1e-12, 0, dtype=nY.dtype)
 
 
 def fast_tension(X: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,8 +280,8 @@ def fast_step(X, M, heads: FoldedHeads, low_count, direction, rows: int, c, last
     with torch.set_grad_enabled(last and torch.is_grad_enabled()):  # the loss uses the last tension
         T = fast_tension(Y, sq)
     step_tape = None
-    if tape is not None:  # (x - x is nan where x is not finite: a float mask, faster to apply than a bool one)
-        step_tape = StepTape(X=start, s=s, finite=(stepped - stepped).add_(1).nan_to_num_(0.0), Y=Y, nY=nY)
+    if tape is not None:  # (x * 0 is nan where x is not finite: a float mask, faster to apply than a bool one)
+        step_tape = StepTape(X=start, s=s, zeroed=(stepped * 0).nan_to_num_(1.0), Y=Y, nY=nY)
         tape.append(step_tape)
     if not c.breaks:
         return Y, T, low_count
@@ -291,10 +292,10 @@ def fast_step(X, M, heads: FoldedHeads, low_count, direction, rows: int, c, last
     a = (alpha * fire).expand(rows, -1).reshape(-1)  # (N,): the groups' alpha, row-major
     delta = Y - start
     n = (delta * delta).sum(-1).sum(0).clamp_min(1e-30).sqrt()  # (W, N): each position's norm over D
-    changed = (n > NO_CHANGE).to(n.dtype)
-    coef = a * changed / n  # Y + alpha * delta / |delta| where the state changed
+    changed = n > NO_CHANGE
+    coef = torch.where(changed, a / n, 0.0)  # Y + alpha * delta / |delta| where the state changed
     moved = torch.addcmul(Y, delta, coef[None, :, :, None])
-    moved = torch.addcmul(moved, direction, (a * (1 - changed))[None, :, :, None])  # Y + alpha * r elsewhere
+    moved = torch.addcmul(moved, direction, torch.where(changed, 0.0, a)[None, :, :, None])  # Y + alpha * r elsewhere
     n_moved = None
     if c.normalize_states:
         moved, n_moved = unit(moved)
@@ -345,8 +346,8 @@ class Relaxation(torch.autograd.Function):
             t = tape[k]
             if g_states is not None:
                 G = G + g_states[k]
-            # the break: out = normalise(Y + coef * delta + b * r), delta = Y - X, coef = alpha * changed / |delta|
-            # (b and changed carry no gradient; coef is 0 where changed is, so is its derivative there)
+            # the break: out = normalise(Y + coef * delta + b * r), delta = Y - X, coef = alpha / |delta| where the
+            # state changed, else 0 (b and the choice carry no gradient; where coef is 0, so is its derivative)
             G_prev = None
             if t.coef is not None:
                 G_m = unit_rows_backward(G, t.moved, t.n_moved)
@@ -359,7 +360,8 @@ class Relaxation(torch.autograd.Function):
             if k == K - 1 and g_last_Y is not None:
                 G = G + g_last_Y
             # the per-wave normalisation, the zeroing and the energy step Y = u + (s (1 - s) * 4 w2) @ (-step W1)
-            G = unit_rows_backward(G, t.Y, t.nY).mul_(t.finite).view(H, W * N, d)
+            G = unit_rows_backward(G, t.Y, t.nY)
+            G = torch.addcmul(G, G, t.zeroed, value=-1).view(H, W * N, d)  # no gradient through a zeroed value
             s = t.s
             u = torch.bmm(ctx.M, t.X.view(H, W, N * d)).view(H, W * N, d)
             q = torch.addcmul(s, s, s, value=-1)
