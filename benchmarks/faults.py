@@ -11,7 +11,8 @@ checkpoint writes too. Each kill is drawn (seeded) from four kinds:
   step     a random step of the next two intervals is logged, then a random delay of up to one interval's steps
   write    a checkpoint step is logged, then a random delay across the whole checkpoint write
            (weights .tmp, rename, state .tmp, rename)
-  between  at once when state.pt.tmp appears: the new weights are in place, the new state is not
+  between  at once when state.pt.tmp appears (after a random step): the new weights are in place, the new
+           state is not
   startup  the new process has claimed the folder (train.lock), then a random delay across its startup writes
 
 After a kill the folder is checked (toolkit.run.load_state and load_run must read it) and training continues
@@ -80,8 +81,8 @@ KINDS = ("step", "write", "between", "startup")
 @dataclass
 class Trigger:
     """When to kill a launch. `kind`: "step" (step `step` is logged; `step` counts from the launch's start),
-    "write" (checkpoint step `step` is logged), "tmp" (the file `name` + ".tmp" exists), "lock" (train.lock exists,
-    written by this launch), each followed by `delay` seconds."""
+    "write" (checkpoint step `step` is logged), "tmp" (this launch writes `name` + ".tmp", after step start + `step`
+    if `step`), "lock" (train.lock holds this launch's pid), each followed by `delay` seconds."""
 
     kind: str
     step: int = 0
@@ -257,7 +258,9 @@ def kill_when(trigger: Trigger, proc: subprocess.Popen, run: Path, log: Path, st
                                                           else trigger.step)
         ok = wait_until(ready, proc, timeout) and wait_until(reach, proc, timeout)
     elif trigger.kind == "tmp":
-        ok = wait_until(fresh_tmp(run, trigger.name, before), proc, timeout)
+        ok = (not trigger.step or (wait_until(started(log, name), proc, timeout)
+                                   and wait_until(metrics_reach(run, start + trigger.step), proc, timeout)))
+        ok = ok and wait_until(fresh_tmp(run, trigger.name, before), proc, timeout)
     elif trigger.kind == "lock":
         ok = wait_until(lock_taken(run, proc), proc, timeout)
     else:
@@ -282,12 +285,13 @@ def random_trigger(rng: random.Random, start: int, interval: int, slow: float, s
         first = (start // interval + 1) * interval
         return Trigger("write", step=first + interval * rng.randint(0, 1), delay=rng.uniform(0, 2 * slow + 0.02))
     if kind == "between":
-        return Trigger("tmp", name="state.pt")
+        return Trigger("tmp", name="state.pt", step=rng.randint(0, interval))
     return Trigger("lock", delay=rng.uniform(0, 6 * slow))
 
 
 def describe(t: Trigger) -> str:
-    what = {"step": f"step +{t.step}", "write": f"ckpt step {t.step}", "tmp": f"{t.name}.tmp",
+    what = {"step": f"step +{t.step}", "write": f"ckpt step {t.step}",
+            "tmp": f"{t.name}.tmp" + (f" after step +{t.step}" if t.step else ""),
             "lock": "train.lock"}[t.kind]
     return what + (f" +{t.delay * 1000:.0f} ms" if t.delay else "")
 

@@ -158,3 +158,23 @@ def test_a_code_file_with_pickled_objects_is_refused_without_advice_to_unpickle(
     np.savez(bad, codes=np.array([{"a": 1}], dtype=object))
     code, _, err = lmkit(capsys, "audio", "info", str(bad))
     assert code == 1 and "pickled objects" in err and "allow_pickle" not in err
+
+
+def test_init_from_takes_the_base_runs_model_and_refuses_a_contradiction(tiny_recipe, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert lmkit(capsys, "train", str(tiny_recipe), "-o", str(base), "--set", "train.max_iters=2")[0] == 0
+    text = tiny_recipe.read_text()
+    head, rest = text.split("[model]", 1)
+    tune = tmp_path / "tune.toml"
+    tune.write_text(head + '[model]\nfamily = "llama"\ndropout = 0.1\n' + rest[rest.index("[tokenizer]"):])
+    code, out, err = lmkit(capsys, "train", str(tune), "-o", str(tmp_path / "ft"), "--init-from", str(base),
+                           "--set", "train.max_iters=2")
+    assert code == 0, err
+    saved = recipe_lib.load(tmp_path / "ft" / run_lib.RECIPE).model
+    base_model = recipe_lib.load(base / run_lib.RECIPE).model
+    assert (saved.dim, saved.n_layers, saved.n_kv_heads, saved.vocab_size) == \
+        (base_model.dim, base_model.n_layers, base_model.n_kv_heads, base_model.vocab_size)
+    assert saved.dropout == 0.1
+    code, _, err = lmkit(capsys, "train", str(tune), "-o", str(tmp_path / "ft2"), "--init-from", str(base),
+                         "--set", "model.dim=64")
+    assert code == 1 and f"dim = 64, but the --init-from run {base} has dim = 32" in err

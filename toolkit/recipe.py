@@ -357,6 +357,34 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
     return from_dict(raw, str(path))
 
 
+# model keys a fine-tune may change without changing what the base model is (training-time settings)
+TRAINING_ONLY_MODEL_KEYS = {"dropout"}
+
+
+def load_onto(name_or_path: str | Path, overrides: list[str], base: Recipe, base_name: str) -> Recipe:
+    """A fine-tuning recipe on top of the run it starts from: the base run's [model] is the default, so the recipe
+    need not repeat the base's shape; a key the recipe (or --set) gives that contradicts the base is an error
+    naming both values (training-only keys such as dropout may differ)."""
+    path = resolve_path(str(name_or_path))
+    raw = apply_overrides(read_toml(path), list(overrides))
+    given = dict(raw.get("model", {}))
+    family = given.pop("family", base.model.family)
+    if family != base.model.family:
+        raise UserError(f"{path} [model]: family = {family!r}, but {base_name} is a {base.model.family!r} model")
+    base_values = _fields_dict(base.model)
+    for key, value in given.items():
+        if key in TRAINING_ONLY_MODEL_KEYS or key not in base_values:
+            continue  # an unknown key is reported by from_dict below, with the table's other checks
+        if key == "vocab_size" and value == 0:
+            continue  # "the tokenizer's": the base's tokenizer is used
+        if value != base_values[key]:
+            raise UserError(f"{path} [model]: {key} = {value!r}, but {base_name} has {key} = {base_values[key]!r} "
+                            f"(leave {key} out to take the base run's)")
+    raw["model"] = {"family": family, **base_values, **{k: v for k, v in given.items()
+                                                        if k in TRAINING_ONLY_MODEL_KEYS or k not in base_values}}
+    return from_dict(raw, str(path))
+
+
 def save(recipe: Recipe, path: Path) -> None:
     atomic_write_text(path, recipe.to_toml())
 

@@ -35,6 +35,14 @@ def train(
             raise UserError(f"{path} is a run folder; add --resume to continue it (or give a recipe to start a new run)")
         recipe = resume_recipe(path, overrides)
         run_dir = path
+    elif init_from is not None:
+        from toolkit import run as run_lib
+
+        if not run_lib.is_run(init_from):
+            raise UserError(f"--init-from {init_from}: not a run folder (needs model.safetensors and recipe.toml)")
+        base = recipe_lib.load(Path(init_from) / run_lib.RECIPE)
+        recipe = recipe_lib.load_onto(target, overrides, base, f"the --init-from run {init_from}")
+        run_dir = out or run_dir_for(recipe)
     else:
         recipe = recipe_lib.load(target, overrides)
         run_dir = out or run_dir_for(recipe)

@@ -177,6 +177,35 @@ def headerless_splits(files: list[Path]) -> tuple[dict, str]:
     return llama2c_splits([open_shard(f) for f in files]), "llama2.c's order: the first sorted file is val"
 
 
+def read_shard_meta(path: Path) -> dict:
+    """A shard folder's meta.json, checked for what ShardSet reads: shards.train/val lists of file names."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-run `lmkit pretokenize`") from None
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(shards, dict) or not all(
+            isinstance(shards.get(s), list) and all(isinstance(n, str) and n for n in shards[s]) for s in ("train", "val")):
+        raise UserError(f"{path}: expected a JSON object whose 'shards' lists the train and val file names; "
+                        "re-run `lmkit pretokenize`")
+    table = meta.get("tokenizer", {})
+    if not isinstance(table, dict) or not isinstance(table.get("fingerprint", ""), str):
+        raise UserError(f"{path}: 'tokenizer' should be a table with a string fingerprint (kind, fingerprint, "
+                        "vocab_size)")
+    return meta
+
+
+def open_mask(shard: Path, n_tokens: int) -> np.ndarray:
+    """The uint8 loss mask beside a shard: one byte per token."""
+    path = Path(shard).with_suffix(".mask")
+    if not path.is_file():
+        raise UserError(f"loss mask not found: {path} (meta.json says the shards have loss masks)")
+    size = path.stat().st_size
+    if size != n_tokens:
+        raise UserError(f"{path}: {size} bytes but its shard has {n_tokens} tokens (one mask byte per token)")
+    return np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
+
+
 class ShardSet:
     """The train and val token streams of a shard folder, memory-mapped (with loss masks for chat data)."""
 
@@ -189,11 +218,11 @@ class ShardSet:
             raise UserError(f"shard folder not found: {folder} (make it with `lmkit pretokenize`)")
         meta_path = self.folder / META
         if meta_path.is_file():
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = read_shard_meta(meta_path)
             self.splits = {s: [open_shard(self.folder / n) for n in self.meta["shards"][s]] for s in ("train", "val")}
             if self.meta.get("loss_mask"):
-                self.masks = {s: [np.memmap((self.folder / n).with_suffix(".mask"), dtype=np.uint8, mode="r")
-                                  for n in self.meta["shards"][s]] for s in ("train", "val")}
+                self.masks = {s: [open_mask(self.folder / n, len(a)) for n, a in zip(self.meta["shards"][s], arrays)]
+                              for s, arrays in self.splits.items()}
         else:  # a folder of llama2.c .bin files
             files = sorted(self.folder.glob("*.bin"))
             if not files:

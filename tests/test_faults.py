@@ -1,0 +1,68 @@
+"""kill -9 during training, small: benchmarks/faults.py with 3 kills at fixed moments (its logic, imported)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_faults():
+    spec = importlib.util.spec_from_file_location("lmkit_benchmark_faults", ROOT / "benchmarks" / "faults.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+faults = load_faults()
+INTERVAL = 3  # checkpoints at steps 3, 6, 9, ...; evals at 6, 12, 18
+
+TRIGGERS = [
+    faults.Trigger("step", step=2),  # before the first checkpoint: no state.pt, so a fresh start (--force)
+    faults.Trigger("tmp", name="state.pt", step=4),  # the checkpoint at step 6, between its two renames
+    faults.Trigger("tmp", name="model.safetensors", step=1),  # the next checkpoint, inside the weights write
+]
+
+
+def test_kill_9_at_three_moments_then_resume_ends_bit_for_bit(tmp_path):
+    report = faults.experiment(tmp_path, kills=len(TRIGGERS), interval=INTERVAL, slow=0.2, max_iters=18,
+                               triggers=lambda i, start: TRIGGERS[i], timeout=60)
+    details = report["details"]
+    assert report["failures"] == [], report
+    assert report["kills"] == 3 and report["resumes_ok"] == report["resumes"] == 3, report
+    assert report["corrupt_folders"] == 0, details
+    assert report["max_steps_lost"] <= INTERVAL, details
+    assert report["final_rc"] == 0 and report["final_step"] == 18
+    assert report["bitwise_equal"]
+    # the kills landed where they were aimed
+    assert details[0]["resumed_from"] == 0 and details[0]["tmp_left"] in ([], ["model.safetensors.tmp"])
+    assert details[1]["tmp_left"] == ["state.pt.tmp"] and details[1]["progress"] == 6
+    assert details[2]["tmp_left"] == ["model.safetensors.tmp"]
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    """A killed trainer's train.lock names a pid that is gone: the next `lmkit train` takes it over."""
+    from toolkit import run as run_lib
+
+    (tmp_path / run_lib.LOCK).write_text("999999999\n")
+    assert run_lib.lock(tmp_path).read_text().strip() == str(os.getpid())
+    run_lib.unlock(tmp_path)
+    assert not (tmp_path / run_lib.LOCK).exists()
+
+
+@pytest.mark.parametrize("value", ["", "0"])
+def test_the_slow_write_hook_is_off_unless_set(tmp_path, monkeypatch, value):
+    import time
+
+    from toolkit.fsio import atomic_write_text
+
+    monkeypatch.setenv("LMKIT_SLOW_WRITES", value)
+    t0 = time.perf_counter()
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert time.perf_counter() - t0 < 0.5 and (tmp_path / "a.txt").read_text() == "x"
