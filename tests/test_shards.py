@@ -98,3 +98,23 @@ def test_fingerprint_mismatch_is_refused(tmp_path, corpus_dir, sp_tokenizer_dir)
     pretokenize(corpus_dir, sp_tokenizer_dir, tmp_path / "s", workers=1)
     with pytest.raises(UserError, match="made with a different tokenizer"):
         ShardSet(tmp_path / "s").check_tokenizer(BytesTokenizer())
+
+
+def test_a_folded_vocabulary_joins_documents_with_no_stray_token(tmp_path):
+    """gpt2 folded to 8192 ids (the attractor recipes): <|endoftext|> would fold onto " support" (50256 % 8192 =
+    1104), a word the text never had; the folded tokenizer has no BOS/EOS, and the shards decode to the text."""
+    from toolkit.data import iter_documents, write_corpus
+    from toolkit.tokenizers.tiktoken import TiktokenTokenizer
+
+    docs = ["The cat sat on the mat.", "A dog ran to the sea.", "It was a big red sun."] * 20
+    write_corpus(docs, tmp_path / "c", val_fraction=0.1, source="test")
+    tok = TiktokenTokenizer("gpt2", vocab_cap=8192, cap_policy="fold")
+    assert tok.bos_id is None and tok.eos_id is None
+    assert all(i < 8192 for d in docs for i in tok.encode(d))  # these words are below the cap: decoding is exact
+    tok.save(tmp_path / "tok")
+    pretokenize(tmp_path / "c", tmp_path / "tok", tmp_path / "s", workers=1)
+    train = np.concatenate([open_shard(p) for p in sorted((tmp_path / "s").glob("train_*.bin"))])
+    assert 1104 not in train.tolist()
+    assert tok.decode(train.tolist()) == "".join(iter_documents(tmp_path / "c", "train"))
+    unfolded = TiktokenTokenizer("gpt2")
+    assert unfolded.bos_id == unfolded.eos_id == 50256  # an unfolded gpt2 keeps <|endoftext|> between documents

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from toolkit.fsio import atomic_write
 
 REQUIRED = ("codes", "sample_rate", "frame_rate", "bandwidth", "num_samples", "duration", "codec", "source", "sha256")
 SEED_KEYS = ("tokens", "sample_rate", "frame_rate", "target_bandwidth")
+# what zipfile and zlib raise on a damaged archive: a corrupt compressed member (zlib.error), flags or a version
+# it does not support (NotImplementedError), an "encrypted" member (RuntimeError, zipfile's documented choice)
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, OSError, EOFError)
 
 
 @dataclass
@@ -81,7 +85,7 @@ def load_codes(path: str | Path) -> CodeFile:
         data = np.load(path, allow_pickle=False)
     except ValueError:  # numpy's message advises unpickling, which lmkit never does
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`)") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except ZIP_ERRORS as e:
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): {e}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): a single array")
@@ -90,7 +94,7 @@ def load_codes(path: str | Path) -> CodeFile:
             arrays = {k: data[k] for k in data.files}
     except ValueError:  # an object array: would need unpickling, which we never do
         raise UserError(f"{path}: holds pickled objects; code files hold numpy arrays only") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except ZIP_ERRORS as e:
         raise UserError(f"{path}: not a code file (.npz from `lmkit audio encode`): {e}") from None
     if "tokens" in arrays and "codes" not in arrays and all(k in arrays for k in SEED_KEYS):
         return _from_seed(arrays, path)

@@ -102,9 +102,11 @@ class TiktokenTokenizer:
         self.cap_policy = cap_policy if self.vocab_cap else "none"
         self.vocab_size = self.vocab_cap or self.enc.n_vocab
         self.eot = self.enc.eot_token
-        # GPT-2 models: <|endoftext|> goes before each document, and is what generation stops at
-        self.bos_id = self._cap(self.eot)
-        self.eos_id = self._cap(self.eot)
+        # GPT-2 models: <|endoftext|> goes before each document, and is what generation stops at. Under a fold
+        # cap it has no id of its own (gpt2's 50256 % 8192 = 1104 is " support"), so a folded vocabulary has no
+        # BOS/EOS and documents are joined with nothing between them, as in the seed (BoggersTheLLM)
+        special = self.eot if not self.vocab_cap or self.eot < self.vocab_cap else None
+        self.bos_id = self.eos_id = special
         ranks = hashlib.sha256(json.dumps(
             [self.enc.name, self.enc._pat_str, self.enc.max_token_value, sorted(self.enc._special_tokens.items())]
         ).encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from toolkit import models, tokenizers
 from toolkit import recipe as recipe_lib
@@ -235,10 +237,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         run_lib.lock(run_dir)  # refuses while another process trains into it; takes over a stale lock
     if resume and not (run_dir / run_lib.STATE).is_file():
         raise UserError(f"{run_dir}: no checkpoint to resume from ({run_lib.STATE} missing)")
+    if resume:
+        finish_checkpoint(run_dir)
     if not resume and run_dir.exists() and any(p.name != run_lib.LOCK for p in run_dir.iterdir()):
         if not force:
             raise UserError(f"{run_dir} already holds a run; use --resume to continue it or --force to start over")
-        for name in (run_lib.WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
+        for name in (run_lib.WEIGHTS, NEXT_WEIGHTS, run_lib.STATE, run_lib.METRICS, run_lib.RUN_INFO):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_lib.lock(run_dir)
@@ -421,18 +425,40 @@ def validate(s: Session) -> dict:
     return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, **result.extras}
 
 
+NEXT_WEIGHTS = "model.next.safetensors"  # a checkpoint's new weights until its state.pt is in place
+
+
 def save(s: Session) -> None:
-    """Weights, then the training state (each written atomically); both record the step, and resume refuses a
-    pair whose steps differ."""
+    """The new weights beside the old ones (model.next.safetensors), then the training state, then the new weights
+    in place: each written atomically, and state.pt's rename commits the checkpoint. A kill between two steps
+    leaves a pair whose steps agree once resume has run `finish_checkpoint`."""
     if not s.d.master:
         return
-    run_lib.save_weights(s.raw_model, s.run_dir / run_lib.WEIGHTS, s.step)
+    run_lib.save_weights(s.raw_model, s.run_dir / NEXT_WEIGHTS, s.step)
     run_lib.save_state({
         "step": s.step, "optimizers": [o.state_dict() for o in s.optimizers], "sampler": s.sampler.state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
         "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed,
     }, s.run_dir / run_lib.STATE)
+    os.replace(s.run_dir / NEXT_WEIGHTS, s.run_dir / run_lib.WEIGHTS)
+
+
+def finish_checkpoint(run_dir: Path) -> None:
+    """After a kill inside `save`: model.next.safetensors of state.pt's step goes in place (state.pt was
+    committed), one of another step (or unreadable) is removed (it was not)."""
+    path = run_dir / NEXT_WEIGHTS
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = int((f.metadata() or {}).get("step", -1))
+    except Exception:  # a file cut short: its checkpoint was never committed
+        step = -1
+    if step == run_lib.load_state(run_dir / run_lib.STATE)["step"]:
+        os.replace(path, run_dir / run_lib.WEIGHTS)
+    else:
+        path.unlink()
 
 
 def _metrics_truncate(path: Path, step: int) -> None:
