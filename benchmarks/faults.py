@@ -24,7 +24,8 @@ Figures: `resumes_ok` launches after a kill that ran without an error and made p
 is not expected to progress); `max_steps_lost` the largest step logged before a kill minus the step the next
 launch started from (state.pt's step; 0 for a fresh start): at most `save_interval` is the goal;
 `corrupt_folders` kills after which the folder could not be read or resumed; `kills_in_write` kills that left a
-`*.tmp` file (inside a write), `kills_between_renames` those that left state.pt.tmp beside the new weights.
+`*.tmp` file (inside a write), `kills_between_renames` those that left state.pt.tmp beside the new weights,
+`stale_locks` those that left train.lock naming the dead process (each taken over by the next launch).
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ ckpt_interval = {interval}
 """
 
 KINDS = ("step", "write", "between", "startup")
+WEIGHTS_TMP = "model.next.safetensors|model.safetensors"  # where a checkpoint writes its weights
 
 
 @dataclass
 class Trigger:
     """When to kill a launch. `kind`: "step" (step `step` is logged; `step` counts from the launch's start),
-    "write" (checkpoint step `step` is logged), "tmp" (this launch writes `name` + ".tmp", after step start + `step`
-    if `step`), "lock" (train.lock holds this launch's pid), each followed by `delay` seconds."""
+    "write" (checkpoint step `step` is logged), "tmp" (this launch writes `name` + ".tmp", or one of the names
+    "a|b", after step start + `step` if `step`), "lock" (train.lock holds this launch's pid), each followed by `delay` seconds."""
 
     kind: str
     step: int = 0
@@ -96,6 +98,7 @@ class Kill:
     started_from: int  # the step this launch started from (0: a fresh start)
     progress: int  # the last step logged before the kill
     tmp_left: list = field(default_factory=list)  # *.tmp files the kill left in the run folder
+    lock_left: bool = False  # the kill left train.lock with the dead process's pid (the next launch takes it over)
     error: str = ""  # why the folder is not resumable after this kill, or why the launch failed
     resumed_from: int | None = None  # the step the next launch started from
     lost: int | None = None
@@ -260,7 +263,8 @@ def kill_when(trigger: Trigger, proc: subprocess.Popen, run: Path, log: Path, st
     elif trigger.kind == "tmp":
         ok = (not trigger.step or (wait_until(started(log, name), proc, timeout)
                                    and wait_until(metrics_reach(run, start + trigger.step), proc, timeout)))
-        ok = ok and wait_until(fresh_tmp(run, trigger.name, before), proc, timeout)
+        tmps = [fresh_tmp(run, n, before) for n in trigger.name.split("|")]
+        ok = ok and wait_until(lambda: any(c() for c in tmps), proc, timeout)
     elif trigger.kind == "lock":
         ok = wait_until(lock_taken(run, proc), proc, timeout)
     else:
@@ -327,8 +331,8 @@ def faulted_run(work: Path, recipe: Path, cache: Path, triggers, kills: int, int
     resumes_ok, launches_after_kill, restarts, failures = 0, 0, 0, []
     fresh, start = True, 0
     final_rc, final_step = None, None
-    for i in range(kills + 1):
-        last = i == kills
+    for i in range(2 * kills + 2):  # a launch that fails is followed by a fresh start, which may be killed too
+        last = len(done) == kills
         if fresh:
             args = [str(recipe), "--out", str(run)] + (["--force"] if i else [])
         else:
@@ -356,7 +360,7 @@ def faulted_run(work: Path, recipe: Path, cache: Path, triggers, kills: int, int
                 if done and not done[-1].error:
                     done[-1].error = f"the final launch failed (rc {final_rc})"
             break
-        trigger = triggers(i, start)
+        trigger = triggers(len(done), start)
         try:
             killed = kill_when(trigger, proc, run, log, start, before, timeout)
         except TimeoutError as e:
@@ -366,15 +370,17 @@ def faulted_run(work: Path, recipe: Path, cache: Path, triggers, kills: int, int
         if not killed:  # ended before the trigger: an error, or the run finished early
             rc = proc.returncode
             if rc == 0 and logged_step(run) >= max_iters:
-                failures.append(f"launch {i} finished before kill {i + 1}; raise max_iters")
+                failures.append(f"launch {i} finished before kill {len(done) + 1}; raise max_iters")
                 final_rc, final_step = 0, logged_step(run)
                 resumes_ok += bool(i)
                 break
             failures.append(f"launch {i} ({' '.join(args[1:])}) failed before its kill (rc {rc}): "
                             f"{log.read_text()[-600:]!r}")
-            if done:
-                done[-1].error = done[-1].error or f"the next launch failed (rc {rc})"
-            fresh, start = True, 0  # what a user would have to do: start over
+            if done:  # the folder the last kill left could not be resumed: start over, as a user would have to
+                k = done[-1]
+                k.error = k.error or f"the next launch failed (rc {rc})"
+                k.resumed_from, k.lost = 0, k.progress
+            fresh, start = True, 0
             continue
         if i:
             resumed = _resumed_from(log)
@@ -384,11 +390,11 @@ def faulted_run(work: Path, recipe: Path, cache: Path, triggers, kills: int, int
             else:
                 failures.append(f"launch {i}: started from {resumed} (state.pt had {start}), progressed: {progressed}")
         k = Kill(trigger=describe(trigger), started_from=start, progress=max(start, logged_step(run)),
-                 tmp_left=tmp_files(run, before))
+                 tmp_left=tmp_files(run, before), lock_left=lock_taken(run, proc)())
         k.error = check_folder(run)
         done.append(k)
         if k.error:
-            failures.append(f"kill {i + 1} ({k.trigger}): {k.error}")
+            failures.append(f"kill {len(done)} ({k.trigger}): {k.error}")
         try:
             ckpt = checkpoint_step(run) if not k.error else None
         except Exception as e:  # noqa: BLE001 - reported as a corrupt folder
@@ -406,6 +412,7 @@ def faulted_run(work: Path, recipe: Path, cache: Path, triggers, kills: int, int
         "corrupt_folders": sum(bool(k.error) for k in done), "restarts": restarts,
         "kills_in_write": sum(bool(k.tmp_left) for k in done),
         "kills_between_renames": sum(any(t == run_lib.STATE + ".tmp" for t in k.tmp_left) for k in done),
+        "stale_locks": sum(k.lock_left for k in done),
         "final_rc": final_rc, "final_step": final_step, "max_iters": max_iters,
         "failures": failures, "details": [vars(k) for k in done], "run": str(run),
     }

@@ -469,3 +469,25 @@ def test_last_tension_of_a_zeroed_step_is_the_seeds():
     S, _, T = m.relax(S0, rows=6, keep_states=True)
     assert S.abs().sum() == 0
     assert torch.allclose(T, relax.tension(S.detach()))  # 0.35 (1 - cos(0, 0)) = 0.35 per window
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_the_relaxation_never_reads_values_back_from_the_device(vectorized, monkeypatch):
+    """No `bool(tensor)`, `.item()`, `int()`/`float()` of a tensor in the relaxation (forward and backward): on a
+    GPU, each would stall every step."""
+    m = tiny(steps=3, vectorized=vectorized)
+    m.train()
+    S0 = m.embed(m.windows(torch.randint(0, 50, (3, 8))).reshape(-1, 4)).detach().requires_grad_()
+
+    def read_back(self, *args):
+        raise AssertionError("a value read back from the device")
+
+    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            S, states, T = m.relax(S0, rows=3, keep_states=True)
+        if grad:
+            (S.sum() + torch.stack(list(states)).sum() + T.sum()).backward()
+    monkeypatch.undo()
+    assert S0.grad.abs().sum() > 0

@@ -264,7 +264,7 @@ def _model_config(values: dict, where: str):
     family = values.pop("family", None)
     if family is None:
         raise UserError(f"{where}: missing key 'family'; expected one of: {', '.join(models.FAMILIES)}")
-    if family not in models.FAMILIES:
+    if not isinstance(family, str) or family not in models.FAMILIES:
         raise UserError(f"{where}.family: unknown family {family!r}; expected one of: {', '.join(models.FAMILIES)}")
     return build_table(models.config_class(family), values, where)
 
@@ -349,6 +349,9 @@ def read_toml(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "TOML files are UTF-8") from None
 
 
 def load(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:

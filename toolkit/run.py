@@ -71,7 +71,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> int:
         if expected[k].shape != t.shape:
             raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the recipe's model needs {tuple(expected[k].shape)}")
     model.load_state_dict(tensors, strict=False)
-    return int(meta.get("step", 0))
+    step = meta.get("step", "0")
+    if not (isinstance(step, str) and step.isdecimal()):
+        raise UserError(f"{path}: its metadata's step should be a whole number, got {step!r}")
+    return int(step)
 
 
 def _is_tied_alias(model, name: str, tensors: dict) -> bool:
@@ -86,13 +89,30 @@ def save_state(state: dict, path: Path) -> None:
 
 def load_state(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt file or one with pickled objects
-        raise UserError(f"{path}: cannot read the training state ({type(e).__name__}: {str(e)[:200]})") from None
+        reason = " ".join(f"{type(e).__name__}: {str(e)[:200]}".split())  # one line: torch's messages have several
+        raise UserError(f"{path}: cannot read the training state ({reason})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{path}: not a training state (expected a table with a step; got {type(state).__name__})")
+    return state
 
 
 def write_json(path: Path, obj: dict) -> None:
     atomic_write_json(path, obj)
+
+
+def read_info(path: Path) -> dict:
+    """run.json: a JSON object ({} when the file is missing)."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # recursion: nested too deeply
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 @dataclass
@@ -118,7 +138,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     tok = tokenizers.load(path / TOKENIZER)
     model = models.build(recipe.model, tok.vocab_size)
     step = load_weights(model, path / WEIGHTS)
-    info = json.loads((path / RUN_INFO).read_text()) if (path / RUN_INFO).is_file() else {}
+    info = read_info(path / RUN_INFO)
     return Run(path, recipe, tok, model.to(device).eval(), step, info)
 
 
@@ -158,10 +178,15 @@ def unlock(run_dir: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a killed one that its parent has not reaped yet (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): trust kill(0)
+        return True

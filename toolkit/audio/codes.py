@@ -67,10 +67,15 @@ def _scalar(data, key: str, path: Path, kind):
     value = data[key]
     if value.shape != ():
         raise UserError(f"{path}: {key!r} should be a single value, got shape {value.shape}")
-    try:
-        return kind(value.item())
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: {key!r} should be a {kind.__name__}, got {value.item()!r}") from None
+    v = value.item()
+    if kind is str:
+        ok = value.dtype.kind == "U"
+    else:  # no bools, strings or complex; an int key also takes a whole float (24000.0); nan and inf never
+        ok = value.dtype.kind in "iuf" and math.isfinite(v) and (kind is float or float(v).is_integer())
+    if not ok:
+        what = {int: "an integer", float: "a finite number", str: "a string"}[kind]
+        raise UserError(f"{path}: {key!r} should be {what}, got {v!r} ({value.dtype})")
+    return kind(v)
 
 
 def load_codes(path: str | Path) -> CodeFile:
@@ -108,8 +113,8 @@ def load_codes(path: str | Path) -> CodeFile:
                   num_samples=_scalar(arrays, "num_samples", path, int), codec=_scalar(arrays, "codec", path, str),
                   source=_scalar(arrays, "source", path, str), sha256=_scalar(arrays, "sha256", path, str),
                   source_path=_scalar(arrays, "source_path", path, str) if "source_path" in arrays else "")
-    if cf.sample_rate <= 0 or cf.frame_rate <= 0:
-        raise UserError(f"{path}: sample_rate and frame_rate must be positive")
+    if cf.sample_rate <= 0 or cf.frame_rate <= 0 or cf.num_samples < 0:
+        raise UserError(f"{path}: sample_rate and frame_rate must be positive, num_samples >= 0")
     expected = math.ceil(cf.num_samples * cf.frame_rate / cf.sample_rate)
     if abs(cf.frames - expected) > 1:
         raise UserError(f"{path}: 'codes' has {cf.frames} frames but {cf.num_samples} samples at "
@@ -131,6 +136,8 @@ def _from_seed(arrays: dict, path: Path) -> CodeFile:
     """attn_demo's encodec_index.py output: `tokens` (8, frames) + rates; no source metadata."""
     codes = _check_codes(arrays["tokens"], path, "tokens")
     sr, fr = _scalar(arrays, "sample_rate", path, int), _scalar(arrays, "frame_rate", path, float)
+    if sr <= 0 or fr <= 0:
+        raise UserError(f"{path}: sample_rate and frame_rate must be positive")
     return CodeFile(codes=codes, sample_rate=sr, frame_rate=fr,
                     bandwidth=_scalar(arrays, "target_bandwidth", path, float),
                     num_samples=int(round(codes.shape[1] * sr / fr)), codec="facebook/encodec_24khz",

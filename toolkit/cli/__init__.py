@@ -61,6 +61,8 @@ def _register():
 
     app.command("export")(export.export)
     app.command("chat")(chat.chat)
+    from toolkit.cli import serve
+    app.command("serve")(serve.serve)
 
 
 _register()

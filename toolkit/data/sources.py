@@ -82,6 +82,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # json's decoder recurses once per nesting level
+                raise UserError(f"{path}:{n}: JSON nested too deeply to read") from None
 
 
 def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:

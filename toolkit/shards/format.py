@@ -181,7 +181,7 @@ def read_shard_meta(path: Path) -> dict:
     """A shard folder's meta.json, checked for what ShardSet reads: shards.train/val lists of file names."""
     try:
         meta = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # recursion: nested too deeply
         raise UserError(f"{path}: not valid JSON ({e}); re-run `lmkit pretokenize`") from None
     shards = meta.get("shards") if isinstance(meta, dict) else None
     if not isinstance(shards, dict) or not all(

@@ -46,7 +46,24 @@ def _sentencepiece(folder: Path, meta: dict):
 def _llama2c(folder: Path, meta: dict):
     from toolkit.tokenizers.llama2c import Llama2cTokenizer
 
-    return Llama2cTokenizer.load(folder, meta["vocab_size"])
+    return Llama2cTokenizer.load(folder, _setting(meta, folder, "vocab_size"))
+
+
+# the type of each setting a kind's constructor reads from tokenizer.json (bools are not ints here)
+SETTING_TYPES = {"encoding": str, "vocab_cap": int, "cap_policy": str, "n_sentinels": int, "layout": str,
+                 "n_codebooks": int, "codebook_size": int, "vocab_size": int}
+
+
+def _setting(meta: dict, folder: Path, name: str, *default):
+    """One setting of a saved tokenizer.json, type-checked; `default` stands in when it is missing."""
+    if name not in meta:
+        if default:
+            return default[0]
+        raise UserError(f"{Path(folder) / META_FILE}: missing {name!r} (edited or corrupt?)")
+    value, want = meta[name], SETTING_TYPES.get(name, object)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise UserError(f"{Path(folder) / META_FILE}: {name!r} should be {want.__name__}, got {value!r}")
+    return value
 
 
 # kinds made from their settings alone (no files beyond tokenizer.json)
@@ -60,7 +77,7 @@ def load(folder: str | Path):
     meta = read_meta(folder)
     kind = meta["kind"]
     if kind in FROM_SETTINGS:
-        tok = FROM_SETTINGS[kind](lambda name, *default: meta.get(name, *default) if default else meta[name])
+        tok = FROM_SETTINGS[kind](lambda name, *default: _setting(meta, folder, name, *default))
     elif kind in FROM_FILES:
         tok = FROM_FILES[kind](folder, meta)
     else:

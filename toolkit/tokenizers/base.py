@@ -41,4 +41,10 @@ def read_meta(folder: Path) -> dict:
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise UserError(f"{folder} is not a tokenizer folder (no {META_FILE}); make one with `lmkit vocab`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # recursion: nested too deeply
+        raise UserError(f"{path}: not valid JSON ({e}); make the tokenizer again with `lmkit vocab`") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), str) for k in ("kind", "fingerprint")):
+        raise UserError(f"{path}: expected a JSON object with a string kind and fingerprint (edited or corrupt?)")
+    return meta

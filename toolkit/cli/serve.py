@@ -1,0 +1,56 @@
+"""`lmkit serve RUN|FILE`: an OpenAI-compatible API and a web chat page over one model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from toolkit.console import info
+from toolkit.errors import UserError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    target: str = typer.Argument(..., help="A run folder, or a llama2.c model.bin (v0, v1 or v2)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; set "
+                             "--api-key then)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str = typer.Option(None, "--api-key", envvar="LMKIT_API_KEY", show_envvar=True,
+                                help="Require 'Authorization: Bearer KEY' on every route but /health and the page."),
+    cors: list[str] = typer.Option(None, "--cors", help="Allow this browser origin (repeatable); off by default."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", "-z", help="llama2.c tokenizer.bin for a .bin model "
+                                   "(default: the one beside it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests accepted at once (decoding or waiting); "
+                                  "more get HTTP 429."),
+    max_active: int = typer.Option(16, "--max-active", help="Completions decoded side by side (one token each per "
+                                   "round); the rest wait their turn."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take before it is stopped."),
+):
+    """Serve a model over HTTP: the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions with SSE
+    streaming, /v1/generate), /health, and a chat page at /."""
+    from toolkit import chat as chat_lib
+    from toolkit.device import resolve_device
+    from toolkit.serve import ServeSettings, create_app
+    from toolkit.serve.server import bind, run
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: expected 1-65535")
+    if max_queue < 1 or max_active < 1 or timeout <= 0:
+        raise UserError("--max-queue, --max-active and --timeout must be positive")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key / LMKIT_API_KEY is empty")
+    sock = bind(host, port)  # before loading: a port in use fails fast
+    t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
+    settings = ServeSettings(api_key=api_key, cors=tuple(cors or ()), max_queue=max_queue, max_active=max_active,
+                             timeout=timeout)
+    app = create_app(t, settings)
+    shown = f"[{host}]" if ":" in host else host
+    info(f"serving {Path(t.name).name} on http://{shown}:{port}  (chat page /, OpenAI API /v1"
+         f"{', API key required' if api_key else ''})", style=None)
+    if host not in LOOPBACK and not api_key:
+        info("warning: listening beyond this machine without --api-key", style="yellow")
+    run(app, sock, quiet=os.environ.get("LMKIT_SERVE_QUIET") == "1")

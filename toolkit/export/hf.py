@@ -1,0 +1,500 @@
+"""Run folders <-> Hugging Face transformers folders (LlamaForCausalLM).
+
+Export writes config.json and generation_config.json (transformers' own classes write them), model.safetensors
+with HF names, the tokenizer (tokenizer.model, tokenizer.json, tokenizer_config.json with the chat template of an
+SFT run, special_tokens_map.json) and a README.md model card. The lmkit recipe rides along in the safetensors
+metadata, so an import of an lmkit export gives back the same recipe.
+
+RoPE: toolkit.models.llama rotates interleaved pairs (x[2i], x[2i+1]) of each head, as llama2.c and Meta's
+checkpoints; HF's Llama rotates halves (x[i], x[i + d/2]). The rows of wq and wk (with n_kv_heads) are permuted
+on the way out and back on the way in; nothing else changes, so a round trip is bitwise.
+
+The tokenizer.json is built with the `tokenizers` library from the sentencepiece vocabulary and merges
+(transformers' generate_merges) and reproduces sentencepiece's normalization: the dummy-prefix "▁" per text
+segment and, when the model removes extra whitespace (lmkit's vocabularies do), stripped and collapsed spaces.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from toolkit.errors import UserError
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+RECIPE_KEY = "lmkit_recipe"
+
+# llama2.c / toolkit.models.llama names -> transformers' LlamaForCausalLM names ("{i}" = the layer)
+LAYER_NAMES = {
+    "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
+TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+FAMILIES_WITHOUT_CLASS = {
+    "attractor": "BoggersTheLLM's attractor dynamics",
+    "pgpt": "PGPT-Lformer's attention-II",
+    "t5": "the PGPT-Lformer span denoiser",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# names and the RoPE permutation
+
+
+def hf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in TOP_NAMES:
+        return f"{TOP_NAMES[stem]}.{suffix}"
+    _, layer, rest = stem.split(".", 2)
+    return f"model.layers.{layer}.{LAYER_NAMES[rest]}.{suffix}"
+
+
+def lmkit_name(name: str) -> str | None:
+    """The inverse of hf_name; None for a tensor lmkit's llama has no place for."""
+    stem, _, suffix = name.rpartition(".")
+    for ours, theirs in TOP_NAMES.items():
+        if stem == theirs:
+            return f"{ours}.{suffix}"
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"]:
+        for ours, theirs in LAYER_NAMES.items():
+            if parts[3] == theirs:
+                return f"layers.{parts[2]}.{ours}.{suffix}"
+    return None
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection, per head, from pairs (2i, 2i+1) to halves (i, i + d/2): HF's layout."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf_tensors(state: dict[str, torch.Tensor], config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """lmkit llama weights (a tied output is left out) -> HF names, q/k permuted, in `dtype`."""
+    out = {}
+    for name, t in state.items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        if name.endswith("attention.wq.weight"):
+            t = interleaved_to_halves(t, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = interleaved_to_halves(t, config.kv_heads)
+        out[hf_name(name)] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def from_hf_tensors(tensors: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
+    """HF llama weights -> lmkit names, q/k back to interleaved pairs, fp32."""
+    out, unknown = {}, []
+    for name, t in tensors.items():
+        ours = lmkit_name(name)
+        if ours is None:
+            if not name.endswith("rotary_emb.inv_freq"):
+                unknown.append(name)
+            continue
+        t = t.to(torch.float32)
+        if ours.endswith("attention.wq.weight"):
+            t = halves_to_interleaved(t, n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            t = halves_to_interleaved(t, n_kv_heads)
+        out[ours] = t.contiguous()
+    if unknown:
+        raise UserError(f"tensor {unknown[0]} has no place in a llama model ({len(unknown)} such tensors); "
+                        f"only plain LlamaForCausalLM weights import")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def sentencepiece_options(sp) -> tuple[bool, bool]:
+    """(add_dummy_prefix, remove_extra_whitespaces) of a sentencepiece model, read from how it encodes."""
+    add_prefix = sp.encode_as_pieces("a")[0].startswith("▁")
+    remove_spaces = sp.encode(" a  a ") == sp.encode("a a")
+    return add_prefix, remove_spaces
+
+
+def hf_tokenizer(tok, max_len: int, chat_template: str | None = None):
+    """A transformers fast tokenizer equal to the sentencepiece tokenizer `tok` (ids in, ids out)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = tok.sp
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    add_prefix, remove_spaces = sentencepiece_options(sp)
+    unk = sp.id_to_piece(sp.unk_id())
+    model = BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    backend = Tokenizer(model)
+    steps = []
+    if remove_spaces:
+        steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(r" +\z"), ""),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    if add_prefix:
+        steps.append(normalizers.Prepend("▁"))  # per text segment, as sentencepiece per encode call
+    steps.append(normalizers.Replace(" ", "▁"))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.pre_tokenizer = None
+    decoding = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        decoding.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(decoding)
+    special = {"unk_token": unk}
+    if tok.bos_id is not None:
+        bos = sp.id_to_piece(tok.bos_id)
+        special["bos_token"] = bos
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, tok.bos_id)])
+    if tok.eos_id is not None:
+        special["eos_token"] = sp.id_to_piece(tok.eos_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_len, clean_up_tokenization_spaces=False,
+                                   **special)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast, special
+
+
+def write_tokenizer(tok, folder: Path, max_len: int, chat_template: str | None) -> list[str]:
+    """tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json; the names written."""
+    if tok.kind != "sentencepiece":
+        raise UserError(f"the hf export needs a sentencepiece vocabulary (this run's tokenizer is {tok.kind!r})")
+    fast, special = hf_tokenizer(tok, max_len, chat_template)
+    fast.save_pretrained(str(folder))
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=tok.bos_id is not None, add_eos_token=False,
+               legacy=False)
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    (folder / "tokenizer.model").write_bytes(tok.model_proto)
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_temp")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat templates (Jinja) that render what toolkit.data.chat_template encodes
+
+
+_SPLIT_SYSTEM = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+)
+
+LLAMA2 = _SPLIT_SYSTEM + (
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('user and assistant turns must alternate, after an optional system message') }}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{ bos_token }}[INST] "
+    "{%- if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif -%}"
+    "{{ m['content'] | trim }} [/INST]"
+    "{%- else -%}"
+    "{{ ' ' + m['content'] | trim + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+QA = _SPLIT_SYSTEM + (
+    "{{ bos_token }}"
+    "{%- if system %}{{ system }}{% if turns %}{{ '\\n' }}{% endif %}{% endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if not loop.first %}{{ '\\n' }}{% endif -%}"
+    "{{ ('Q: ' if m['role'] == 'user' else 'A: ') + m['content'] | trim }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '\\nA:' }}{% else %}{{ eos_token }}{% endif -%}"
+)
+
+CHAT_TEMPLATES = {"llama2": LLAMA2, "qa": QA}
+
+
+def chat_template_for(name: str) -> str | None:
+    """The Jinja template for a recipe's data.chat_template ("" = a base model: none)."""
+    if not name:
+        return None
+    if name not in CHAT_TEMPLATES:
+        raise UserError(f"chat template {name!r} has no Jinja version (known: {', '.join(CHAT_TEMPLATES)})")
+    return CHAT_TEMPLATES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass
+class Exported:
+    path: Path
+    files: list[str]
+    warnings: list[str]
+
+
+def check_exportable(run, target: str) -> None:
+    family = run.recipe.model.family
+    if family == "llama":
+        return
+    if family in FAMILIES_WITHOUT_CLASS:
+        raise UserError(f"{run.path}: the {family} family ({FAMILIES_WITHOUT_CLASS[family]}) has no {target} "
+                        f"model class; only llama-family runs export to {target}")
+    if family == "gpt2" and getattr(run.recipe.model, "resonance", False):
+        raise UserError(f"{run.path}: a Resonance gpt2 (phases and attention bias) has no {target} model class; "
+                        f"only llama-family runs export to {target}")
+    raise UserError(f"{run.path}: only llama-family runs export to {target} (this run is {family!r})")
+
+
+def hf_config(config, tok, dtype: str):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim, hidden_act="silu", max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=None, attention_bias=False, mlp_bias=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    cfg.torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    return cfg
+
+
+def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False) -> Exported:
+    """Write a llama-family run as a transformers folder (see the module docstring)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from toolkit.fsio import build_atomically
+    from toolkit.run import load_run, weights_dict
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)} for --format hf")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    run = load_run(run_path)
+    check_exportable(run, "transformers")
+    c = run.model.config
+    template = chat_template_for(run.recipe.data.chat_template)
+    warnings = []
+    if run.tokenizer.kind != "sentencepiece":
+        raise UserError(f"{run_path}: the hf export needs a sentencepiece vocabulary (this run's tokenizer is "
+                        f"{run.tokenizer.kind!r}); AutoTokenizer could not reproduce it")
+
+    def build(tmp: Path) -> list[str]:
+        tensors = to_hf_tensors(weights_dict(run.model), c, DTYPES[dtype])
+        meta = {"format": "pt", RECIPE_KEY: json.dumps(run.recipe.to_dict()), "lmkit_step": str(run.step)}
+        save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
+        hf_config(c, run.tokenizer, dtype).save_pretrained(str(tmp))
+        GenerationConfig(bos_token_id=run.tokenizer.bos_id, eos_token_id=run.tokenizer.eos_id,
+                         max_length=c.max_seq_len).save_pretrained(str(tmp))
+        write_tokenizer(run.tokenizer, tmp, c.max_seq_len, template)
+        (tmp / "README.md").write_text(model_card(run, "transformers", dtype))
+        return sorted(p.name for p in tmp.iterdir())
+
+    files = build_atomically(out, build)
+    return Exported(out, files, warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model card
+
+
+def last_eval(run_path: Path) -> dict:
+    """The last metrics.jsonl record with a val_loss ({} when there is none)."""
+    path = Path(run_path) / "metrics.jsonl"
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("val_loss") is not None:
+                found = record
+    return found
+
+
+def model_card(run, target: str, dtype: str) -> str:
+    r, c, tok = run.recipe, run.model.config, run.tokenizer
+    ev = last_eval(run.path)
+    data = run.info.get("data", {}) if isinstance(run.info.get("data"), dict) else {}
+    t = r.train
+    rows = [
+        ("parameters", f"{run.model.num_params():,}"),
+        ("architecture", f"llama: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads ({c.kv_heads} KV heads), "
+                         f"FFN {c.ffn_dim}, context {c.max_seq_len}, RoPE theta {c.rope_theta:g}, RMSNorm eps "
+                         f"{c.norm_eps:g}, {'tied' if c.tie_embeddings else 'separate'} embeddings"),
+        ("tokenizer", f"sentencepiece BPE, {tok.vocab_size} tokens (BOS {tok.bos_id}, EOS {tok.eos_id})"),
+        ("data", f"{r.data.source}" + (f", {data['train_tokens']:,} train / {data.get('val_tokens', 0):,} val tokens"
+                                       if data.get("train_tokens") else "")),
+        ("chat template", r.data.chat_template or "none (a base model: it continues text)"),
+        ("training", f"{run.step} steps of batch {t.batch_size} x {t.grad_accum} accumulation x {c.max_seq_len} "
+                     f"tokens, {t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_iters}), weight decay "
+                     f"{t.weight_decay:g}, dtype {run.info.get('dtype', t.dtype)}"),
+    ]
+    if ev:
+        bpb = f", {ev['val_bpb']:.4f} bits per byte" if ev.get("val_bpb") else ""
+        rows.append(("validation", f"loss {ev['val_loss']:.4f} (perplexity {ev.get('val_ppl') or 0:.2f}{bpb}) at "
+                                   f"step {ev.get('step')}"))
+    rows.append(("weights", f"{dtype}, exported from `{run.path}` by lmkit"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    use = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+           "tok = AutoTokenizer.from_pretrained(\"PATH\")\nmodel = AutoModelForCausalLM.from_pretrained(\"PATH\")\n"
+           "ids = tok(\"Once upon a time\", return_tensors=\"pt\").input_ids\n"
+           "print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=False)[0]))\n```\n")
+    if r.data.chat_template:
+        use += ("\nChat: `tok.apply_chat_template([{\"role\": \"user\", \"content\": \"...\"}], "
+                "add_generation_prompt=True, return_tensors=\"pt\")` renders the template it was fine-tuned with.\n")
+    recipe_toml = (Path(run.path) / "recipe.toml").read_text() if (Path(run.path) / "recipe.toml").is_file() else ""
+    return (f"---\nlibrary_name: {target}\npipeline_tag: text-generation\ntags:\n- lmkit\n- llama\n---\n\n"
+            f"# {r.name}\n\n{r.description or 'A small language model trained with lmkit.'}\n\n"
+            f"| | |\n|---|---|\n{table}\n\n## Use\n\n{use}\n"
+            f"## How it was trained\n\nWith `lmkit train` from this recipe (also in the weights' metadata):\n\n"
+            f"```toml\n{recipe_toml.strip()}\n```\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import
+
+
+def is_hf_folder(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+
+
+def read_hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of model.safetensors or of the shards model.safetensors.index.json names, and the first
+    file's metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    else:
+        try:
+            index = json.loads((folder / INDEX).read_text())
+            files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{folder / INDEX}: not a safetensors index (needs a weight_map)") from None
+    tensors, meta = {}, {}
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path}: missing (named by {INDEX})")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = meta or (f.metadata() or {})
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def llama_values(cfg: dict, where: Path) -> dict:
+    """toolkit.models.llama Config values from a transformers config.json (refusing what lmkit cannot run)."""
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"{where}: model_type {cfg.get('model_type')!r}; only llama folders import")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UserError(f"{where}: attention or MLP biases; lmkit's llama has none")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r}; lmkit's llama uses silu")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind != "default":
+        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported (only plain RoPE)")
+    dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    if cfg.get("head_dim") not in (None, dim // heads):
+        raise UserError(f"{where}: head_dim {cfg['head_dim']} is not hidden_size / num_attention_heads; lmkit's "
+                        f"llama needs that")
+    return dict(dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+                n_kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab_size=int(cfg["vocab_size"]),
+                hidden_dim=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), dropout=0.0)
+
+
+def read_hf_tokenizer(folder: Path):
+    from toolkit.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    path = Path(folder) / "tokenizer.model"
+    if not path.is_file():
+        raise UserError(f"{folder}: no tokenizer.model; lmkit imports HF llama folders with their sentencepiece "
+                        f"tokenizer.model (a tokenizer.json alone is not supported)")
+    try:
+        return SentencePieceTokenizer(path.read_bytes())
+    except Exception:
+        raise UserError(f"{path}: not a sentencepiece model") from None
+
+
+@dataclass
+class Opened:
+    model: object
+    tokenizer: object
+    recipe: object
+    step: int
+
+
+def open_hf(folder: Path, device="cpu") -> Opened:
+    """A transformers llama folder as an lmkit model, tokenizer and recipe, in memory."""
+    from toolkit import models
+    from toolkit.export import imported_recipe
+
+    folder = Path(folder)
+    if not is_hf_folder(folder):
+        raise UserError(f"{folder} is not a transformers folder (needs {CONFIG} and {WEIGHTS} or {INDEX})")
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{folder / CONFIG}: not JSON") from None
+    try:
+        values = llama_values(cfg, folder / CONFIG)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{folder / CONFIG}: missing or bad {e}") from None
+    tok = read_hf_tokenizer(folder)
+    tensors, meta = read_hf_tensors(folder)
+    recipe = imported_recipe(meta.get(RECIPE_KEY), values, folder, "transformers")
+    state = from_hf_tensors(tensors, values["n_heads"], values["n_kv_heads"])
+    model = models.build(recipe.model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (k == "output.weight" and values["tie_embeddings"])]
+    if missing:
+        raise UserError(f"{folder}: no tensor for {hf_name(missing[0])} ({len(missing)} missing)")
+    for k, t in state.items():
+        if expected[k].shape != t.shape:
+            raise UserError(f"{folder}: {hf_name(k)} has shape {tuple(t.shape)}, config.json needs "
+                            f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return Opened(model.to(device).eval(), tok, recipe, int(meta.get("lmkit_step", 0) or 0))
+
+
+def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
+    from toolkit.export import write_imported_run
+
+    opened = open_hf(folder)
+    return write_imported_run(out, opened.model, opened.tokenizer, opened.recipe, opened.step,
+                              {"imported_from": str(folder), "format": "transformers"}, force)
+
+
+__all__ = ["export_hf", "import_hf", "open_hf", "is_hf_folder", "chat_template_for", "replace"]
