@@ -116,7 +116,9 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tiny_re
     monkeypatch.setattr(run_lib, "save_file", save_file)
     with pytest.raises(UserError) as e:
         train(r, run)
-    assert str(e.value) == f"cannot write {run / run_lib.WEIGHTS}: the disk is full"
+    from toolkit.train.loop import NEXT_WEIGHTS
+
+    assert str(e.value) == f"cannot write {run / NEXT_WEIGHTS}: the disk is full"  # the new weights, not yet in place
     assert not list(run.glob("*.tmp"))
     monkeypatch.setattr(run_lib, "save_file", real)
     assert run_lib.load_run(run).step == 4 == run_lib.load_state(run / run_lib.STATE)["step"]

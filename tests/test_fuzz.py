@@ -625,13 +625,26 @@ JSONL_LINES = st.one_of(
 )
 
 
+READER_LINES = {  # mostly lines the reader accepts, so that one odd line is what decides
+    "read_jsonl": JSONL_LINES,
+    "jsonl_documents": st.text(max_size=8).map(lambda t: json.dumps({"text": t})) | st.text(max_size=8).map(json.dumps),
+    "read_conversations": MESSAGES.map(json.dumps) | MESSAGES.map(lambda m: json.dumps({"messages": m})),
+}
+
+
 @fuzz(150)
-@given(body=st.lists(JSONL_LINES, max_size=5).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass"))
-       | st.binary(max_size=60), reader=st.sampled_from(["read_jsonl", "jsonl_documents", "read_conversations"]))
-def test_jsonl_readers(work, body, reader):
+@given(reader=st.sampled_from(list(READER_LINES)), data=st.data())
+def test_jsonl_readers(work, reader, data):
     from toolkit.data.conversations import read_conversations
     from toolkit.data.sources import jsonl_documents, read_jsonl
 
+    good = st.lists(READER_LINES[reader], max_size=4)
+    body = data.draw(st.one_of(
+        st.binary(max_size=60),
+        st.tuples(good, st.integers(0, 4), JSONL_LINES | st.binary(max_size=8)).map(
+            lambda t: t[0][: t[1]] + [t[2]] + t[0][t[1] :]),
+        good).map(lambda b: b if isinstance(b, bytes) else b"\n".join(
+            x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass") for x in b)))
     path = fresh(work, "a.jsonl")
     path.write_bytes(body)
     fn = {"read_jsonl": lambda p: list(read_jsonl(p)), "jsonl_documents": lambda p: list(jsonl_documents(p, "text")),
@@ -639,7 +652,7 @@ def test_jsonl_readers(work, body, reader):
     ok, rows = attempt(f"data.{reader}", fn, path)
     if not ok:
         return
-    lines = [raw for raw in body.split(b"\n") if raw.strip()]
+    lines = [raw for raw in body.split(b"\n") if raw.decode("utf-8").strip()]  # it read: all lines are UTF-8
     if reader == "read_jsonl":
         assert [r for _, r in rows] == [json.loads(raw) for raw in lines] or any(
             isinstance(r, float) and math.isnan(r) for _, r in rows)

@@ -24,7 +24,7 @@ LAYERS = [
     ["toolkit.tokenizers"],
     ["toolkit.audio"],  # io, codec, codes, score: audio files and their codes, no training
     ["toolkit.shards"],
-    ["toolkit.run"],
+    ["toolkit.run", "toolkit.plot"],
     ["toolkit.generate"],
     ["toolkit.evaluate"],
     ["toolkit.train"],

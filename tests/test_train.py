@@ -203,10 +203,13 @@ def test_ddp_two_gloo_processes_equal_a_single_process(tiny_recipe, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "toolkit", "train", str(tiny_recipe), "--out", str(tmp_path / "ddp"),
-                           "--set", "train.max_iters=5", "--set", "train.eval_interval=5"],
+                           "--set", "train.max_iters=5", "--set", "train.eval_interval=5",
+                           "--set", 'eval.prompts=["Once upon"]'],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+    samples = (tmp_path / "ddp" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 1 and json.loads(samples[0])["step"] == 5  # rank 0 alone samples
     a, b = train_losses(single), train_losses(tmp_path / "ddp")
     assert len(a) == len(b) == 5
     assert a == pytest.approx(b, rel=1e-5)

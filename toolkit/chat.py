@@ -43,7 +43,7 @@ class Target:
 
 
 def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu") -> Target:
-    """A run folder or a llama2.c model.bin (with -z tokenizer.bin, or the one beside it)."""
+    """A run folder, a .gguf file, or a llama2.c model.bin (with -z tokenizer.bin, or the one beside it)."""
     from toolkit.run import is_run, load_run
 
     path = Path(path)
@@ -57,6 +57,13 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
             raise UserError(f"{path} is a T5 span-denoising model, not a chat model: fill masked spans with "
                             "benchmarks/t5_denoise.py, or roll out audio with `lmkit audio rollout`")
         return Target(run.model, run.tokenizer, run.recipe, str(path))
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from toolkit.export import open_gguf
+
+        if tokenizer is not None:
+            raise UserError("-z/--tokenizer is for a llama2.c .bin; a .gguf carries its own vocabulary")
+        opened = open_gguf(path, device)
+        return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
     if path.is_file():
         from toolkit.export import open_bin
 

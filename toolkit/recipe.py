@@ -117,6 +117,8 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 0  # 0 = at evals and at the end
     peak_flops: float = 0.0  # for MFU; 0 = detect (known GPUs) or measure (CPU)
+    plot: bool = True  # curves.png in the run folder at each eval
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (needs tensorboardX: pip install lmkit[tensorboard])
     groups: dict = field(default_factory=dict)  # NAME -> {lr, weight_decay, beta1, beta2, eps, optimizer}
 
     def __post_init__(self):
@@ -148,10 +150,19 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 0  # 0 = train.batch_size
     max_batches: int = 50  # `lmkit eval`: val batches (non-overlapping windows from the start)
+    # samples at every eval of a training run: each prompt's continuation goes to samples.jsonl (none = off)
+    prompts: tuple[str, ...] = ()
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8  # 0 = greedy
+    sample_top_k: int = 0
+    sample_seed: int = 0  # the same seed at every eval, so samples differ only by what the model learned
 
     def __post_init__(self):
         check(self.batch_size >= 0, "batch_size", "0 (same as train) or a positive size")
         check(self.max_batches > 0, "max_batches", "a positive count")
+        check(self.sample_tokens > 0, "sample_tokens", "a positive number of tokens")
+        check(self.sample_temperature >= 0, "sample_temperature", "0 (greedy) or more")
+        check(self.sample_top_k >= 0, "sample_top_k", "0 (off) or a positive k")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def _register():
     app.command("pretokenize")(pretokenize.pretokenize)
     app.command("train")(train.train)
     app.add_typer(eval.app, name="eval")
+    from toolkit.cli import plot
+
+    app.command("plot")(plot.plot)
 
     from toolkit.cli import chat, export
 

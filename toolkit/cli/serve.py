@@ -44,10 +44,14 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key / LMKIT_API_KEY is empty")
     sock = bind(host, port)  # before loading: a port in use fails fast
-    t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
-    settings = ServeSettings(api_key=api_key, cors=tuple(cors or ()), max_queue=max_queue, max_active=max_active,
-                             timeout=timeout)
-    app = create_app(t, settings)
+    try:
+        t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
+        settings = ServeSettings(api_key=api_key, cors=tuple(cors or ()), max_queue=max_queue,
+                                 max_active=max_active, timeout=timeout)
+        app = create_app(t, settings)
+    except BaseException:
+        sock.close()
+        raise
     shown = f"[{host}]" if ":" in host else host
     info(f"serving {Path(t.name).name} on http://{shown}:{port}  (chat page /, OpenAI API /v1"
          f"{', API key required' if api_key else ''})", style=None)

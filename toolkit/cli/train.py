@@ -21,6 +21,8 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start over in a run folder that already holds a run."),
     stop_after: int = typer.Option(0, "--stop-after", help="Stop after this many steps, with a checkpoint "
                                    "(continue later with --resume; for time-sliced jobs)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files under "
+                                     "RUN/tensorboard/ (train.tensorboard = true; needs tensorboardX)."),
 ):
     """Train a model: makes whatever of data -> vocab -> pretokenize is missing or stale, then trains with
     checkpoints, evals and metrics.jsonl in the run folder. Under torchrun it trains with DDP."""
@@ -28,7 +30,8 @@ def train(
     from toolkit.train.loop import resume_recipe, run_dir_for
     from toolkit.train.loop import train as run_training
 
-    overrides = list(set_) + ([f"train.device={device}"] if device else [])
+    overrides = list(set_) + ([f"train.device={device}"] if device else []) + \
+        (["train.tensorboard=true"] if tensorboard else [])
     path = Path(target)
     if path.is_dir():
         if not resume:

@@ -1,10 +1,12 @@
-"""Run folders <-> llama2.c files.
+"""Run folders <-> llama2.c files, Hugging Face transformers folders (hf.py) and GGUF files (gguf.py).
 
 `export_run(run, out)` writes out/model.bin (v0, v1 or v2), tokenizer.bin beside it (plus tokenizer.model
 for a sentencepiece vocabulary, which `lmkit chat` prefers), and a sidecar `model.json` with what the
 .bin cannot say: vocabulary size, tokenizer kind and fingerprint, the resolved recipe, the step.
 `import_bin(model.bin, tokenizer.bin, out)` turns any of the three versions into a run folder.
 `open_bin(model.bin, tokenizer.bin)` does the same in memory, for chat and eval.
+`export_hf`/`import_hf`/`open_hf` and `export_gguf`/`import_gguf`/`open_gguf` do the same for the other two
+formats (imported lazily: transformers and gguf load only when used); `export_any(run, out, fmt)` picks one.
 """
 
 from __future__ import annotations
@@ -238,4 +240,134 @@ def import_bin(model_path: Path, tokenizer_path: Path | None, out: Path, force: 
     recipe_lib.save(recipe, out / RECIPE)
     write_json(out / RUN_INFO, {"imported_from": str(model_path), "llama2c_version": opened.header.version,
                                 "group_size": opened.header.group_size, "tokenizer_kind": opened.tokenizer.kind})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face and GGUF (the modules load transformers / gguf only when called)
+
+HF_FORMATS = ("hf", "gguf")
+DEFAULT_DTYPE = {"hf": "f32", "gguf": "f16"}
+
+
+def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False):
+    from toolkit.export import hf
+
+    return hf.export_hf(run_path, out, dtype, force)
+
+
+def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
+    from toolkit.export import hf
+
+    return hf.import_hf(folder, out, force)
+
+
+def open_hf(folder: Path, device="cpu"):
+    from toolkit.export import hf
+
+    return hf.open_hf(folder, device)
+
+
+def is_hf_folder(path: Path) -> bool:
+    from toolkit.export import hf
+
+    return hf.is_hf_folder(path)
+
+
+def export_gguf(run_path: Path, out: Path, dtype: str = "f16", force: bool = False):
+    from toolkit.export import gguf
+
+    return gguf.export_gguf(run_path, out, dtype, force)
+
+
+def import_gguf(path: Path, out: Path, force: bool = False) -> Path:
+    from toolkit.export import gguf
+
+    return gguf.import_gguf(path, out, force)
+
+
+def open_gguf(path: Path, device="cpu"):
+    from toolkit.export import gguf
+
+    return gguf.open_gguf(path, device)
+
+
+def import_any(source: Path, out: Path, tokenizer: Path | None = None, force: bool = False) -> Path:
+    """A .gguf file, a transformers folder or a llama2.c .bin -> a run folder."""
+    source = Path(source)
+    if source.is_dir():
+        if not is_hf_folder(source):
+            raise UserError(f"{source} is not a run folder (needs model.safetensors and recipe.toml) nor a "
+                            f"transformers folder (config.json with model.safetensors or its .index.json)")
+        return import_hf(source, out, force)
+    if source.suffix.lower() == ".gguf":
+        return import_gguf(source, out, force)
+    return import_bin(source, tokenizer, out, force)
+
+
+def merged_llama_config(values: dict, base, tok_vocab: int):
+    """A toolkit.models.llama Config from `values` (what the file says); `base` (an embedded recipe's model
+    config, or None) keeps its own way of saying the same thing (hidden_dim 0, n_kv_heads 0, vocab_size 0)."""
+    from toolkit.models.llama import Config
+
+    if base is None or getattr(base, "family", None) != "llama":
+        return Config(**values)
+    values = dict(values)
+    if base.ffn_dim == values.get("hidden_dim"):
+        del values["hidden_dim"]
+    if base.kv_heads == values.get("n_kv_heads"):
+        del values["n_kv_heads"]
+    if base.vocab_size == 0 and values.get("vocab_size") == tok_vocab:
+        del values["vocab_size"]
+    if "dropout" in values:
+        del values["dropout"]
+    return replace(base, **values)
+
+
+def imported_recipe(embedded: str | None, values: dict, source: Path, fmt: str, tokenizer_kind: str = "sentencepiece",
+                    tok_vocab: int = 0):
+    """The recipe of an imported model: the one an lmkit export embedded (JSON), with the model's shape from the
+    file; for a foreign file, a plain llama recipe."""
+    from toolkit import recipe as recipe_lib
+
+    source = Path(source)
+    recipe = None
+    if embedded:
+        try:
+            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
+        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
+            info(f"ignoring the lmkit recipe in {source} ({e})")
+            recipe = None
+    if recipe is None or recipe.model.family != "llama":
+        recipe = recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from {fmt} "
+                                       f"{source.name}", "model": {"family": "llama"}}, str(source))
+    try:
+        model = merged_llama_config(values, recipe.model, tok_vocab or values.get("vocab_size", 0))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: its hyperparameters do not make a llama model ({e})") from None
+    tokenizer = replace(recipe.tokenizer, kind=tokenizer_kind, path="tokenizer", vocab_size=tok_vocab or model.vocab_size)
+    return recipe.replace(model=model, tokenizer=tokenizer)
+
+
+def write_imported_run(out: Path, model, tokenizer, recipe, step: int, run_info: dict, force: bool = False) -> Path:
+    """A run folder (model.safetensors, recipe.toml, tokenizer/, run.json), written whole or not at all."""
+    from toolkit import recipe as recipe_lib
+    from toolkit.fsio import build_atomically
+    from toolkit.run import RECIPE, RUN_INFO, TOKENIZER, WEIGHTS, save_weights, write_json
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise UserError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir():
+            out.unlink()
+    final = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(out / TOKENIZER)))
+
+    def build(tmp: Path) -> None:
+        tokenizer.save(tmp / TOKENIZER)
+        save_weights(model, tmp / WEIGHTS, step=step)
+        recipe_lib.save(final, tmp / RECIPE)
+        write_json(tmp / RUN_INFO, run_info)
+
+    build_atomically(out, build)
     return out

@@ -17,7 +17,7 @@ segment and, when the model removes extra whitespace (lmkit's vocabularies do), 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -209,9 +209,9 @@ LLAMA2 = _SPLIT_SYSTEM + (
     "{{ raise_exception('user and assistant turns must alternate, after an optional system message') }}"
     "{%- endif -%}"
     "{%- if m['role'] == 'user' -%}"
-    "{{ bos_token }}[INST] "
+    "{{ bos_token + '[INST] ' }}"
     "{%- if loop.first and system %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}{% endif -%}"
-    "{{ m['content'] | trim }} [/INST]"
+    "{{ m['content'] | trim + ' [/INST]' }}"
     "{%- else -%}"
     "{{ ' ' + m['content'] | trim + eos_token }}"
     "{%- endif -%}"
@@ -275,8 +275,17 @@ def hf_config(config, tok, dtype: str):
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=None, attention_bias=False, mlp_bias=False,
         architectures=["LlamaForCausalLM"],
     )
-    cfg.torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
     return cfg
+
+
+def write_config(config, tok, dtype: str, folder: Path) -> None:
+    """config.json as transformers writes it, with the weights' dtype under both names: `dtype` (transformers 5)
+    and `torch_dtype` (older readers)."""
+    hf_config(config, tok, dtype).save_pretrained(str(folder))
+    path = folder / CONFIG
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = cfg["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False) -> Exported:
@@ -305,7 +314,7 @@ def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False
         tensors = to_hf_tensors(weights_dict(run.model), c, DTYPES[dtype])
         meta = {"format": "pt", RECIPE_KEY: json.dumps(run.recipe.to_dict()), "lmkit_step": str(run.step)}
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
-        hf_config(c, run.tokenizer, dtype).save_pretrained(str(tmp))
+        write_config(c, run.tokenizer, dtype, tmp)
         GenerationConfig(bos_token_id=run.tokenizer.bos_id, eos_token_id=run.tokenizer.eos_id,
                          max_length=c.max_seq_len).save_pretrained(str(tmp))
         write_tokenizer(run.tokenizer, tmp, c.max_seq_len, template)
@@ -496,5 +505,3 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
     return write_imported_run(out, opened.model, opened.tokenizer, opened.recipe, opened.step,
                               {"imported_from": str(folder), "format": "transformers"}, force)
 
-
-__all__ = ["export_hf", "import_hf", "open_hf", "is_hf_folder", "chat_template_for", "replace"]

@@ -31,9 +31,9 @@ from toolkit.console import console, info
 from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_dtype
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
-from toolkit.fsio import atomic_write_text
 from toolkit.shards.format import ShardSet
 from toolkit.train.distributed import Dist, any_across, barrier, init_distributed, mean_across
+from toolkit.train.metrics import SAMPLES, append_samples, eval_samples, truncate_after
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -137,6 +137,7 @@ class Session:
     best_val: float = math.inf
     tokens_seen: int = 0
     elapsed: float = 0.0
+    board: object = None  # toolkit.plot.TensorBoard when train.tensorboard is on (rank 0)
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -151,6 +152,8 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
         s = setup(recipe, run_dir, resume, init_from, force)
         last, stopped_early = fit(s, stop_after, time_limit)
         barrier(s.d)
+        if s.board is not None:
+            s.board.close()
     finally:
         run_lib.unlock(run_dir)
     summary = {"run": str(s.run_dir), "step": s.step, "stopped_early": stopped_early, "params": s.raw_model.num_params(),
@@ -228,6 +231,10 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
         s.model = DDP(s.model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if d.master:
         write_run_info(s, prepared, init_from)
+        if tc.tensorboard:
+            from toolkit.plot import TensorBoard
+
+            s.board = TensorBoard(run_dir / "tensorboard")
     return s
 
 
@@ -285,7 +292,8 @@ def load_checkpoint(s: Session) -> None:
     if s.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], s.device)
     if s.d.master:
-        _metrics_truncate(s.run_dir / run_lib.METRICS, s.step)
+        truncate_after(s.run_dir / run_lib.METRICS, s.step)
+        truncate_after(s.run_dir / SAMPLES, s.step)
         info(f"resuming {s.run_dir} at step {s.step}")
 
 
@@ -373,6 +381,7 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
                     console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
                                   f"{s.sampler.status()}")
+                    after_eval(s)
                 window_start = time.perf_counter()
             if is_ckpt or stopping:
                 save(s)
@@ -413,6 +422,33 @@ def log(s: Session, record: dict) -> None:
     if s.d.master:
         with open(s.run_dir / run_lib.METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if s.board is not None:
+            s.board.scalars(record)
+
+
+def after_eval(s: Session) -> None:
+    """Rank 0, after each eval: samples from the recipe's prompts (samples.jsonl), curves.png, TensorBoard flush."""
+    ec, tc = s.recipe.eval, s.recipe.train
+    if ec.prompts:
+        window = None
+        if s.raw_model.is_encoder_decoder:  # T5: the first val window, denoised
+            from toolkit.shards.sampler import eval_windows
+
+            window = next(eval_windows(s.shards, "val", s.seq_len, 1, 1))[0][0]
+        rows = eval_samples(s.raw_model, s.tok, s.step, ec, window)
+        append_samples(s.run_dir, rows)
+        if rows:
+            text = " ".join(str(rows[0]["text"]).split())
+            console.print(f"  sample: {rows[0]['prompt'][:40]!r} -> {text[:100]!r}", style="dim")
+        for row in rows:
+            if s.board is not None:
+                s.board.sample(row)
+    if tc.plot:
+        from toolkit.plot import plot_runs
+
+        plot_runs([s.run_dir], s.run_dir / "curves.png", labels=[s.recipe.name])
+    if s.board is not None:
+        s.board.flush()
 
 
 # --- validate and save ----------------------------------------------------------------------------------------
@@ -459,14 +495,6 @@ def finish_checkpoint(run_dir: Path) -> None:
         os.replace(path, run_dir / run_lib.WEIGHTS)
     else:
         path.unlink()
-
-
-def _metrics_truncate(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _val_hash(shards: ShardSet) -> str:
