@@ -99,3 +99,22 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tiny_recipe, tmp_path, 
     # converting afterwards gives the same scalars
     code, _, err = lmkit(capsys, "plot", str(run), "--tensorboard")
     assert code == 0, err
+
+
+def test_a_t5_run_samples_a_denoising_example(tmp_path, capsys):
+    from conftest import make_text
+    from test_t5 import TINY
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i in range(30):
+        (src / f"d{i}.txt").write_text(make_text(30, seed=i))
+    recipe = tmp_path / "t5.toml"
+    recipe.write_text(TINY.format(source=src.as_posix()))
+    code, _, err = lmkit(capsys, "train", str(recipe), "--set", f"train.out_dir={tmp_path / 'run'}", "--set",
+                         "train.max_iters=4", "--set", "train.eval_interval=4", "--set", 'eval.prompts=["denoise"]',
+                         "--set", "eval.sample_tokens=8")
+    assert code == 0, err
+    (row,) = samples(tmp_path / "run")
+    assert row["step"] == 4 and row["tokens"] <= 8
+    assert {"prompt", "target", "text"} <= set(row) and row["prompt"] and row["target"]

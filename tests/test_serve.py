@@ -405,7 +405,7 @@ def test_every_chat_family_serves_through_the_one_loop(target, tmp_path):
     targets.append(load_target(tmp_path / "model.bin"))
     for t in targets:
         app = create_app(t)
-        out = asgi_post(app, "/v1/completions", "/v1/completions", {"prompt": "Lily had", "max_tokens": 6, "temperature": 0}).json()
+        out = asgi_post(app, "/v1/completions", {"prompt": "Lily had", "max_tokens": 6, "temperature": 0}).json()
         ids = [t.tokenizer.bos_id] + t.tokenizer.encode("Lily had")
         alone = G.generate(G.decoder_for(t.model), ids, 6, G.Sampling(temperature=0), G.stop_ids_for(t.tokenizer))
         assert out["choices"][0]["text"] == t.tokenizer.decode(alone), t.name

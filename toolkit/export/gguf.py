@@ -297,7 +297,7 @@ def open_gguf(path: Path, device="cpu"):
     values["tie_embeddings"] = "output.weight" not in tensors
     tok = read_tokenizer(reader, path)
     recipe = imported_recipe(field(reader, RECIPE_KEY), values, path, "GGUF", tok.kind, tok.vocab_size)
-    model = models.build(recipe.model)
+    model = models.build(recipe.model, values["vocab_size"])
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors and not (k == "output.weight" and values["tie_embeddings"])]
     if missing:

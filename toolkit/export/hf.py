@@ -483,9 +483,9 @@ def open_hf(folder: Path, device="cpu") -> Opened:
         raise UserError(f"{folder / CONFIG}: missing or bad {e}") from None
     tok = read_hf_tokenizer(folder)
     tensors, meta = read_hf_tensors(folder)
-    recipe = imported_recipe(meta.get(RECIPE_KEY), values, folder, "transformers")
+    recipe = imported_recipe(meta.get(RECIPE_KEY), values, folder, "transformers", tok.kind, tok.vocab_size)
     state = from_hf_tensors(tensors, values["n_heads"], values["n_kv_heads"])
-    model = models.build(recipe.model)
+    model = models.build(recipe.model, values["vocab_size"])
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not (k == "output.weight" and values["tie_embeddings"])]
     if missing:

@@ -66,6 +66,12 @@ class LanguageModel(nn.Module):
         """Positions per training row that the loss scores (attractor A1 scores 1 of its window)."""
         return seq_len
 
+    def training_terms(self) -> dict[str, float]:
+        """The mean of each named term of the training objective since the last call (e.g. the attractor's clean
+        CE, tension, break rate). A family accumulates them on the device in forward and the trainer reads them
+        once per log interval, so there is no host sync per step."""
+        return {}
+
     @torch.no_grad()
     def row_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each row's mean cross-entropy over its targets != -1: the feedback a sampler may ask for (T5's curriculum)."""

@@ -405,6 +405,7 @@ def log_window(s: Session, pending: list, steps: int, dt: float) -> dict:
               "tokens": s.tokens_seen, "elapsed_s": s.elapsed}
     if s.scored_per_step != s.tokens_per_step:
         record["scored_tokens_per_s"] = tps * s.scored_per_step / s.tokens_per_step
+    record.update(s.raw_model.training_terms())
     record.update(s.sampler.metrics())
     log(s, record)
     return record

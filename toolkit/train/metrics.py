@@ -20,7 +20,9 @@ def eval_samples(model, tok, step: int, ec, window: np.ndarray | None = None) ->
     for bit). An encoder-decoder model (T5) writes a denoising example of `window` instead."""
     if model.is_encoder_decoder:
         return [denoise_sample(model, tok, step, ec, window)] if window is not None else []
-    sampling = G.Sampling(temperature=ec.sample_temperature, top_k=ec.sample_top_k, seed=ec.sample_seed)
+    # the family's own sampler where it has one (the attractor's seed sampler), else the eval settings
+    options = model.sampling_defaults() or {"temperature": ec.sample_temperature, "top_k": ec.sample_top_k}
+    sampling = G.Sampling(**options, seed=ec.sample_seed)
     was_training = model.training
     rows = []
     for prompt in ec.prompts:
