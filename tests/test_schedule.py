@@ -46,3 +46,67 @@ def test_adam8bit_falls_back_to_fp32_adam_without_cuda():
         from toolkit.recipe import build_table
 
         build_table(TrainConfig, {"groups": {"matrix": {"optimizer": "lion"}}}, "t")
+
+
+class FakeClock:
+    """Time that moves only when the trainer works: a step takes `step_s`, an eval + checkpoint `eval_s`."""
+
+    def __init__(self, monkeypatch, step_s: float, eval_s: float):
+        from toolkit.train import loop
+
+        self.t = 0.0
+        real_step, real_validate = loop.train_step, loop.validate
+
+        def step(*a, **k):
+            self.t += step_s
+            return real_step(*a, **k)
+
+        def validate(s):
+            self.t += eval_s
+            return real_validate(s)
+
+        monkeypatch.setattr(loop, "clock", lambda: self.t)
+        monkeypatch.setattr(loop, "train_step", step)
+        monkeypatch.setattr(loop, "validate", validate)
+
+
+def test_a_time_budget_ends_at_the_budget_with_a_final_eval_and_the_lr_at_its_floor(tiny_recipe, tmp_path,
+                                                                                     monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from toolkit import recipe as recipe_lib
+    from toolkit import run as run_lib
+    from toolkit.train.loop import train
+
+    sets = ["train.max_minutes=1", "train.max_iters=5", "train.eval_interval=10", "train.warmup_iters=2",
+            "train.min_lr=1e-4", "train.log_interval=1", "train.plot=false"]
+    FakeClock(monkeypatch, step_s=2.0, eval_s=5.0)
+    summary = train(recipe_lib.load(tiny_recipe, sets), tmp_path / "a")
+    # 2 s steps, 5 s evals at steps 10 and 20: step 22 ends at 54 s (44 + 2 evals); one more step and the final
+    # eval (2 + 5 s) would pass 60 s, so the final eval runs after step 22 and ends at 59 s. max_iters (5) does not
+    # apply to a budgeted run.
+    assert summary["step"] == 22 and not summary["stopped_early"]
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 22]  # the final eval is inside the budget
+    state = run_lib.load_state(tmp_path / "a" / "state.pt")
+    assert state["step"] == 22 and state["wall_s"] == pytest.approx(59.0)
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[-1] < 0.05 * lrs[2] and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # cosine on the budget
+
+    # stopped and resumed, the budget and the schedule carry on: the same steps, the same weights
+    train(recipe_lib.load(tiny_recipe, sets), tmp_path / "b", stop_after=7)
+    assert train(recipe_lib.load(tmp_path / "b" / "recipe.toml"), tmp_path / "b", resume=True)["step"] == 22
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_token_budget_ends_at_the_last_step_that_fits(tiny_recipe, tmp_path):
+    from toolkit import recipe as recipe_lib
+    from toolkit.train.loop import train
+
+    per_step = 4 * 2 * 32  # batch x grad_accum x seq of the tiny recipe
+    r = recipe_lib.load(tiny_recipe, [f"train.max_tokens={per_step * 7 + 100}", "train.eval_interval=100",
+                                      "train.plot=false"])
+    assert train(r, tmp_path / "t")["step"] == 7

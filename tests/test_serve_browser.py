@@ -52,6 +52,15 @@ def browser():
         driver.quit()
 
 
+def status(driver) -> str:
+    return driver.find_element(By.ID, "status").text
+
+
+def reply_text(driver) -> str:
+    found = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")
+    return found[-1].text if found else ""
+
+
 def test_chat_page_streams_and_stops(server, browser):
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 20, poll_frequency=0.05)
@@ -64,17 +73,14 @@ def test_chat_page_streams_and_stops(server, browser):
         tokens.send_keys("250")
         browser.find_element(By.ID, "input").send_keys("Once upon a time")
         browser.find_element(By.ID, "send").click()
-        stop = browser.find_element(By.ID, "stop")
-        wait.until(lambda d: stop.is_enabled())
-        answer = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text"))[-1]
-        wait.until(lambda d: answer.text != "")
-        assert browser.find_element(By.ID, "status").text.startswith("generating")
-        stop.click()
-        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("stopped"))
+        wait.until(lambda d: d.find_element(By.ID, "stop").is_enabled())
+        wait.until(lambda d: reply_text(d) != "", message=f"no streamed text; status: {status(browser)}")
+        assert status(browser).startswith("generating"), status(browser)
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda d: status(d).startswith("stopped"), message=f"status: {status(browser)}")
         assert not browser.find_element(By.ID, "stop").is_enabled()
         assert browser.find_element(By.ID, "send").is_enabled()
-        shown = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].text
-        assert shown  # what was streamed before Stop is kept
+        assert reply_text(browser)  # what was streamed before Stop is kept
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user .text")] == ["Once upon a time"]
     finally:
         browser.delete_network_conditions()

@@ -207,7 +207,7 @@ def field(reader, key: str, default=None):
 
 
 def hyperparameters(reader, path: Path) -> dict:
-    """toolkit.models.llama Config values from a llama GGUF's keys."""
+    """The llama Config values (toolkit/models/llama.py) of a llama GGUF's keys."""
     arch = field(reader, "general.architecture")
     if arch != ARCH:
         raise UserError(f"{path}: architecture {arch!r}; only llama GGUFs import")
@@ -284,8 +284,7 @@ def read_tokenizer(reader, path: Path):
 def open_gguf(path: Path, device="cpu"):
     """A llama GGUF as an lmkit model, tokenizer and recipe, in memory (what `lmkit chat model.gguf` uses)."""
     from toolkit import models
-    from toolkit.export import imported_recipe
-    from toolkit.export.hf import Opened
+    from toolkit.export.hf import Opened, imported_recipe
 
     path = Path(path)
     reader = open_reader(path)
@@ -311,7 +310,7 @@ def open_gguf(path: Path, device="cpu"):
 
 
 def import_gguf(path: Path, out: Path, force: bool = False) -> Path:
-    from toolkit.export import write_imported_run
+    from toolkit.export.hf import write_imported_run
 
     opened = open_gguf(path)
     return write_imported_run(out, opened.model, opened.tokenizer, opened.recipe, opened.step,

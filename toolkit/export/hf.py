@@ -17,11 +17,12 @@ segment and, when the model removes extra whitespace (lmkit's vocabularies do), 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from toolkit.console import info
 from toolkit.errors import UserError
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -358,7 +359,8 @@ def model_card(run, target: str, dtype: str) -> str:
         ("data", f"{r.data.source}" + (f", {data['train_tokens']:,} train / {data.get('val_tokens', 0):,} val tokens"
                                        if data.get("train_tokens") else "")),
         ("chat template", r.data.chat_template or "none (a base model: it continues text)"),
-        ("training", f"{run.step} steps of batch {t.batch_size} x {t.grad_accum} accumulation x {c.max_seq_len} "
+        ("training", f"{run.step} steps of batch {t.batch_size} x {t.grad_accum} accumulation x "
+                     f"{run.info.get('seq_len', c.max_seq_len)} "
                      f"tokens, {t.optimizer} lr {t.lr:g} ({t.schedule}, warmup {t.warmup_iters}), weight decay "
                      f"{t.weight_decay:g}, dtype {run.info.get('dtype', t.dtype)}"),
     ]
@@ -381,6 +383,78 @@ def model_card(run, target: str, dtype: str) -> str:
             f"| | |\n|---|---|\n{table}\n\n## Use\n\n{use}\n"
             f"## How it was trained\n\nWith `lmkit train` from this recipe (also in the weights' metadata):\n\n"
             f"```toml\n{recipe_toml.strip()}\n```\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run folders from imported models (transformers folders here, GGUF files in gguf.py)
+
+
+def merged_llama_config(values: dict, base, tok_vocab: int):
+    """A toolkit.models.llama Config from `values` (what the file says); `base` (an embedded recipe's model
+    config, or None) keeps its own way of saying the same thing (hidden_dim 0, n_kv_heads 0, vocab_size 0)."""
+    from toolkit.models.llama import Config
+
+    if base is None or getattr(base, "family", None) != "llama":
+        return Config(**values)
+    values = dict(values)
+    if base.ffn_dim == values.get("hidden_dim"):
+        del values["hidden_dim"]
+    if base.kv_heads == values.get("n_kv_heads"):
+        del values["n_kv_heads"]
+    if base.vocab_size == 0 and values.get("vocab_size") == tok_vocab:
+        del values["vocab_size"]
+    if "dropout" in values:
+        del values["dropout"]
+    return replace(base, **values)
+
+
+def imported_recipe(embedded: str | None, values: dict, source: Path, fmt: str, tokenizer_kind: str = "sentencepiece",
+                    tok_vocab: int = 0):
+    """The recipe of an imported model: the one an lmkit export embedded (JSON), with the model's shape from the
+    file; for a foreign file, a plain llama recipe."""
+    from toolkit import recipe as recipe_lib
+
+    source = Path(source)
+    recipe = None
+    if embedded:
+        try:
+            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
+        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
+            info(f"ignoring the lmkit recipe in {source} ({e})")
+            recipe = None
+    if recipe is None or recipe.model.family != "llama":
+        recipe = recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from {fmt} "
+                                       f"{source.name}", "model": {"family": "llama"}}, str(source))
+    try:
+        model = merged_llama_config(values, recipe.model, tok_vocab or values.get("vocab_size", 0))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: its hyperparameters do not make a llama model ({e})") from None
+    tokenizer = replace(recipe.tokenizer, kind=tokenizer_kind, path="tokenizer", vocab_size=tok_vocab or model.vocab_size)
+    return recipe.replace(model=model, tokenizer=tokenizer)
+
+
+def write_imported_run(out: Path, model, tokenizer, recipe, step: int, run_info: dict, force: bool = False) -> Path:
+    """A run folder (model.safetensors, recipe.toml, tokenizer/, run.json), written whole or not at all."""
+    from toolkit import recipe as recipe_lib
+    from toolkit.fsio import build_atomically
+    from toolkit.run import RECIPE, RUN_INFO, TOKENIZER, WEIGHTS, save_weights, write_json
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise UserError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir():
+            out.unlink()
+    final = recipe.replace(tokenizer=replace(recipe.tokenizer, path=str(out / TOKENIZER)))
+
+    def build(tmp: Path) -> None:
+        tokenizer.save(tmp / TOKENIZER)
+        save_weights(model, tmp / WEIGHTS, step=step)
+        recipe_lib.save(final, tmp / RECIPE)
+        write_json(tmp / RUN_INFO, run_info)
+
+    build_atomically(out, build)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,7 +495,7 @@ def read_hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def llama_values(cfg: dict, where: Path) -> dict:
-    """toolkit.models.llama Config values from a transformers config.json (refusing what lmkit cannot run)."""
+    """The llama Config values (toolkit/models/llama.py) of a transformers config.json (refusing what lmkit cannot run)."""
     if cfg.get("model_type") != "llama":
         raise UserError(f"{where}: model_type {cfg.get('model_type')!r}; only llama folders import")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -468,7 +542,6 @@ class Opened:
 def open_hf(folder: Path, device="cpu") -> Opened:
     """A transformers llama folder as an lmkit model, tokenizer and recipe, in memory."""
     from toolkit import models
-    from toolkit.export import imported_recipe
 
     folder = Path(folder)
     if not is_hf_folder(folder):
@@ -499,8 +572,6 @@ def open_hf(folder: Path, device="cpu") -> Opened:
 
 
 def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
-    from toolkit.export import write_imported_run
-
     opened = open_hf(folder)
     return write_imported_run(out, opened.model, opened.tokenizer, opened.recipe, opened.step,
                               {"imported_from": str(folder), "format": "transformers"}, force)

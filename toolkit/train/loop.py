@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +138,8 @@ class Session:
     tokens_seen: int = 0
     elapsed: float = 0.0
     board: object = None  # toolkit.plot.TensorBoard when train.tensorboard is on (rank 0)
+    terms: dict = field(default_factory=dict)  # the model's named training terms at the last log
+    wall_s: float = 0.0  # wall seconds this run has trained, evals and checkpoints included, over all its resumes
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -288,6 +290,7 @@ def load_checkpoint(s: Session) -> None:
     s.sampler.set_state(state["sampler"])
     s.step, s.best_val = state["step"], state["best_val"]
     s.tokens_seen, s.elapsed = state["tokens_seen"], state["elapsed"]
+    s.wall_s = state.get("wall_s", state["elapsed"])
     torch.set_rng_state(state["torch_rng"])
     if s.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], s.device)
@@ -332,24 +335,45 @@ def next_batches(s: Session) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
+clock = time.perf_counter  # the trainer's wall clock (tests replace it with a fake one)
+
+
+def budget_done(s: Session, extra_s: float = 0.0, extra_tokens: int = 0) -> float:
+    """The fraction of the run's budget (train.max_minutes and/or train.max_tokens) used, after `extra_s` more
+    seconds and `extra_tokens` more tokens; 0 without a budget."""
+    tc = s.recipe.train
+    parts = [0.0]
+    if tc.max_minutes:
+        parts.append((s.wall_s + extra_s) / (60.0 * tc.max_minutes))
+    if tc.max_tokens:
+        parts.append((s.tokens_seen + extra_tokens) / tc.max_tokens)
+    return max(parts)
+
+
 def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict, bool]:
-    """Steps until max_iters (or a stop); logs, validates and saves on their intervals. Returns the last log
-    record and whether the run stopped before max_iters. Losses stay on the device between log steps: no host
-    sync per step."""
+    """Steps until max_iters, or until the budget is used (train.max_minutes / max_tokens: the lr schedule runs
+    on the fraction of the budget done, and the last step leaves time for the final eval and checkpoint), or a
+    stop. Logs, validates and saves on their intervals. Returns the last log record and whether the run stopped
+    early. Losses stay on the device between log steps: no host sync per step."""
     from rich.progress import TextColumn
 
     from toolkit.console import progress
 
     tc, d = s.recipe.train, s.d
+    budgeted = bool(tc.max_minutes or tc.max_tokens)
     feedback = getattr(s.sampler, "feedback", None)  # a sampler that learns from the losses (T5's curriculum)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last log
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps = clock(), 0
     last: dict = {}
-    start_step, start_time = s.step, time.perf_counter()
+    start_step, start_time, wall_at_start = s.step, clock(), s.wall_s
+    step_s = eval_s = 0.0  # how long a step and an eval + checkpoint take (for the budget's last step)
+    total = 1000 if budgeted else tc.max_iters  # the progress bar counts per mille of a budget
     with StopFlag() as stop, progress(TextColumn("{task.fields[status]}")) as bar:
-        task = bar.add_task("train", total=tc.max_iters, completed=s.step, status="", visible=d.master)
-        while s.step < tc.max_iters:
-            set_lr(s.optimizers, lr_factor(s.step, tc))
+        task = bar.add_task("train", total=total, completed=0, status="", visible=d.master)
+        while budgeted or s.step < tc.max_iters:
+            # a budget's schedule ends where training does: before the final eval's share of the time
+            set_lr(s.optimizers, lr_factor(s.step, tc, budget_done(s, eval_s) if budgeted else None))
+            t0 = clock()
             row_losses = [] if feedback is not None else None
             step_loss = train_step(s.model, s.raw_model, s.optimizers, next_batches(s), s.amp, tc.grad_clip,
                                    s.scaler, s.model.no_sync if d.enabled else None, row_losses)
@@ -359,19 +383,26 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
             s.tokens_seen += s.tokens_per_step
             pending.append((s.step, step_loss))
             window_steps += 1
+            step_s = clock() - t0 if step_s == 0.0 else 0.9 * step_s + 0.1 * (clock() - t0)
+            s.wall_s = wall_at_start + clock() - start_time
 
-            is_eval = s.step % tc.eval_interval == 0 or s.step == tc.max_iters
+            if budgeted:  # the last step: the next one would not fit with the final eval and checkpoint
+                is_last = any_across(budget_done(s, step_s + eval_s, s.tokens_per_step) > 1.0, d, s.device)
+            else:
+                is_last = s.step == tc.max_iters
+            is_eval = s.step % tc.eval_interval == 0 or is_last
             is_ckpt = is_eval or (tc.ckpt_interval and s.step % tc.ckpt_interval == 0)
             stopping = any_across(stop.stop, d, s.device) or (stop_after and s.step - start_step >= stop_after)
-            stopping = (stopping or (time_limit and time.perf_counter() - start_time >= time_limit)) \
-                and s.step < tc.max_iters
-            if s.step % tc.log_interval == 0 or is_ckpt or stopping or s.step == tc.max_iters:
-                dt = time.perf_counter() - window_start
+            stopping = (stopping or (time_limit and clock() - start_time >= time_limit)) and not is_last
+            if s.step % tc.log_interval == 0 or is_ckpt or stopping or is_last:
+                dt = clock() - window_start
                 last = log_window(s, pending, window_steps, dt)
-                bar.update(task, completed=s.step, status=status_line(s, last))
+                done = round(1000 * min(1.0, budget_done(s))) if budgeted else s.step
+                bar.update(task, completed=done, status=status_line(s, last))
                 pending.clear()
                 window_steps = 0
-                window_start = time.perf_counter()
+                window_start = clock()
+            t_eval = clock()
             if is_eval:
                 ev = validate(s)
                 s.best_val = min(s.best_val, ev["val_loss"])
@@ -382,12 +413,17 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                     console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
                                   f"{s.sampler.status()}")
                     after_eval(s)
-                window_start = time.perf_counter()
             if is_ckpt or stopping:
+                s.wall_s = wall_at_start + clock() - start_time
                 save(s)
-                window_start = time.perf_counter()
+            if is_eval:
+                eval_s = max(eval_s, clock() - t_eval)
+            s.wall_s = wall_at_start + clock() - start_time
+            window_start = clock() if is_eval or is_ckpt else window_start
             if stopping:
                 return last, True
+            if is_last:
+                break
     return last, False
 
 
@@ -405,7 +441,8 @@ def log_window(s: Session, pending: list, steps: int, dt: float) -> dict:
               "tokens": s.tokens_seen, "elapsed_s": s.elapsed}
     if s.scored_per_step != s.tokens_per_step:
         record["scored_tokens_per_s"] = tps * s.scored_per_step / s.tokens_per_step
-    record.update(s.raw_model.training_terms())
+    s.terms = s.raw_model.training_terms()
+    record.update(s.terms)
     record.update(s.sampler.metrics())
     log(s, record)
     return record
@@ -416,6 +453,7 @@ def status_line(s: Session, r: dict) -> str:
             + (f" MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""))
     if "scored_tokens_per_s" in r:
         line += f" ({r['scored_tokens_per_s']:,.0f} scored/s)"
+    line += "".join(f" {name} {value:.3f}" for name, value in s.terms.items())
     return line + s.sampler.status()
 
 
@@ -476,7 +514,7 @@ def save(s: Session) -> None:
         "step": s.step, "optimizers": [o.state_dict() for o in s.optimizers], "sampler": s.sampler.state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
-        "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed,
+        "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed, "wall_s": s.wall_s,
     }, s.run_dir / run_lib.STATE)
     os.replace(s.run_dir / NEXT_WEIGHTS, s.run_dir / run_lib.WEIGHTS)
 

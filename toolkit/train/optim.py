@@ -81,8 +81,11 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
     return [_make(kind, groups, device_type) for kind, groups in by_kind.items()]
 
 
-def lr_factor(step: int, cfg) -> float:
-    """The schedule's multiplier of each group's base lr at `step` (0-based), floored at min_lr / lr."""
+def lr_factor(step: int, cfg, done: float | None = None) -> float:
+    """The schedule's multiplier of each group's base lr at `step` (0-based), floored at min_lr / lr. A budgeted
+    run (train.max_minutes / max_tokens) passes `done`, the fraction of its budget used: after the warm-up steps,
+    cosine and asr then run on that fraction instead of step / max_iters, so the lr reaches its floor as the budget
+    ends (asr decays over the last decay_fraction of the budget)."""
     floor = cfg.min_lr / cfg.lr
     warmup, total = cfg.warmup_iters, cfg.max_iters
     if step < warmup:
@@ -92,12 +95,19 @@ def lr_factor(step: int, cfg) -> float:
     if cfg.schedule == "step":  # StepLR: x gamma every step_size steps (warm-up steps count)
         return max(floor, cfg.gamma ** (step // cfg.step_size))
     if cfg.schedule == "cosine":
-        span = total - warmup
-        if span <= 0:  # max_iters <= warmup: the whole run is warm-up (llama2.c divides by zero here)
-            return 1.0
-        progress = min(1.0, (step - warmup) / span)
+        if done is not None:
+            progress = min(1.0, max(0.0, done))
+        else:
+            span = total - warmup
+            if span <= 0:  # max_iters <= warmup: the whole run is warm-up (llama2.c divides by zero here)
+                return 1.0
+            progress = min(1.0, (step - warmup) / span)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    # asr: attack (warmup), sustain, release (linear decay over the last decay_iters steps)
+    # asr: attack (warmup), sustain, release (linear decay over the last decay_iters steps, or the last
+    # decay_fraction of a budget)
+    if done is not None:
+        start = 1.0 - cfg.decay_fraction
+        return 1.0 if done < start else 1.0 + (floor - 1.0) * min(1.0, (done - start) / max(cfg.decay_fraction, 1e-9))
     release_start = max(warmup, total - cfg.decay_iters)
     if step < release_start or cfg.decay_iters == 0:
         return 1.0
