@@ -1,50 +1,31 @@
-"""Quality per wall-clock budget: train a recipe for M minutes on a data source, print final val loss and
-bits per byte as JSON.
+"""Quality per wall-clock budget: train a recipe for M minutes (train.max_minutes: the lr schedule runs on the
+fraction of the budget done, the final eval and checkpoint are inside it) over one or more seeds, then print the
+val loss and bits per byte on the whole val split as JSON, with mean ± 95% t interval over the seeds.
 
-    python benchmarks/quality_budget.py recipes/tinystories15m.toml --data path/to/tinystories --minutes 10 \\
-        --set train.batch_size=16 --set train.grad_accum=1
+    python benchmarks/quality_budget.py recipes/tinystories15m.toml --data path/to/tinystories --minutes 8 \\
+        --seeds 3 --set train.batch_size=16 --set train.grad_accum=1 --set train.lr=1e-3
 
-max_iters is set from a short throughput calibration so that the schedule ends near the budget
-(the run also stops at the budget whatever happens); the final eval is on the fixed val windows.
+Runs one seed at a time (two at once on the same cores would halve each other's speed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toolkit import console, models  # noqa: E402
-from toolkit import recipe as recipe_lib
-from toolkit import run as run_lib  # noqa: E402
-from toolkit.device import autocast, resolve_device, resolve_dtype  # noqa: E402
-from toolkit.evaluate import evaluate  # noqa: E402
-from toolkit.shards.format import ShardSet  # noqa: E402
-from toolkit.train.loop import train, train_step  # noqa: E402
-from toolkit.train.optim import build_optimizers  # noqa: E402
-
-
-def seconds_per_step(r, vocab: int) -> float:
-    device = resolve_device(r.train.device)
-    model = models.build(r.model, vocab).to(device)
-    opts = build_optimizers(model, r.train, device.type)
-    amp = autocast(device, resolve_dtype(r.train.dtype, device))
-    T = r.model.max_seq_len
-    batches = [(torch.randint(0, vocab, (r.train.batch_size, T)), torch.randint(0, vocab, (r.train.batch_size, T)))
-               for _ in range(r.train.grad_accum)]
-    for _ in range(2):
-        train_step(model, model, opts, batches, amp, r.train.grad_clip).item()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        train_step(model, model, opts, batches, amp, r.train.grad_clip).item()
-    return (time.perf_counter() - t0) / 3
+from toolkit import console  # noqa: E402
+from toolkit import recipe as recipe_lib  # noqa: E402
+from toolkit.compare import t_interval  # noqa: E402
+from toolkit.evaluate import evaluate_run  # noqa: E402
+from toolkit.run import load_run  # noqa: E402
+from toolkit.train.loop import train  # noqa: E402
 
 
 def main():
@@ -52,42 +33,37 @@ def main():
     ap.add_argument("recipe")
     ap.add_argument("--data", required=True, help="any `lmkit data` source")
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--seeds", type=int, default=1, help="train.seed = 0 .. N-1, one run each")
     ap.add_argument("--separator", default="blank-line", help="how .txt files split into documents")
-    ap.add_argument("--out", default="", help="run folder (default: a temporary one)")
+    ap.add_argument("--evals", type=int, default=0, help="evals during training besides the final one (0 = none)")
+    ap.add_argument("--out", default="", help="folder for the runs (default: a temporary one)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    budget = args.minutes * 60
-    overrides = [f"data.source={args.data}", f"data.separator={args.separator}"] + args.overrides
-    r = recipe_lib.load(args.recipe, overrides)
     out = Path(args.out or tempfile.mkdtemp(prefix="quality_budget_"))
-
-    from toolkit.shards.prepare import prepare
-
-    t_prep = time.perf_counter()
-    prepared = prepare(r)
-    prep_s = time.perf_counter() - t_prep
-    vocab = prepared.tokenizer.vocab_size
-    sps = seconds_per_step(r, vocab)
-    evals = 4
-    eval_s = sps * r.train.eval_iters / r.train.grad_accum / 3  # forward only, one micro-batch per eval batch
-    steps = max(1, int((budget - evals * eval_s) / sps))
-    r = recipe_lib.load(args.recipe, overrides + [f"train.max_iters={steps}",
-                                                  f"train.eval_interval={max(1, steps // evals)}",
-                                                  f"train.warmup_iters={min(r.train.warmup_iters, steps // 10)}"])
-    t0 = time.perf_counter()
-    summary = train(r, out, force=True, time_limit=budget)
-    wall = time.perf_counter() - t0
-    run = run_lib.load_run(out, resolve_device(r.train.device))
-    dev = next(run.model.parameters()).device
-    res = evaluate(run.model, ShardSet(prepared.shards), "val", r.model.max_seq_len, r.train.batch_size, 10**9, dev,
-                   autocast(dev, resolve_dtype(r.train.dtype, dev)), prepared.tokenizer.token_bytes())
-    print(json.dumps({
-        "recipe": r.name, "data": args.data, "minutes": args.minutes, "params": summary["params"],
-        "steps": run.step, "planned_steps": steps, "tokens": run.step * r.train.batch_size * r.train.grad_accum *
-        r.model.max_seq_len, "train_wall_s": round(wall, 1), "prepare_s": round(prep_s, 1),
-        "val_loss": round(res.loss, 4), "val_ppl": round(res.ppl, 3), "val_bpb": round(res.bpb, 4),
-        "val_tokens": res.tokens, "vocab_size": vocab, "dtype": str(resolve_dtype(r.train.dtype, dev)), "run": str(out),
-    }))
+    base = [f"data.source={args.data}", f"data.separator={args.separator}", f"train.max_minutes={args.minutes}",
+            "train.plot=false", *args.overrides]
+    runs = []
+    for seed in range(args.seeds):
+        r = recipe_lib.load(args.recipe, base + [f"train.seed={seed}"])
+        if not args.evals:
+            r = r.replace(train=dataclasses.replace(r.train, eval_interval=10**9))
+        t0 = time.perf_counter()
+        summary = train(r, out / f"seed{seed}", force=True)
+        wall = time.perf_counter() - t0
+        run = load_run(out / f"seed{seed}", r.train.device if r.train.device != "auto" else "cpu")
+        res = evaluate_run(run, next(run.model.parameters()).device, batches=10**9)
+        runs.append({"seed": seed, "steps": run.step, "tokens": run.step * r.train.batch_size * r.train.grad_accum *
+                     r.model.max_seq_len, "train_wall_s": round(wall, 1), "val_loss": round(res.loss, 4),
+                     "val_bpb": round(res.bpb, 4) if res.bpb else None, "val_tokens": res.tokens,
+                     "params": summary["params"]})
+    report = {"recipe": r.name, "data": args.data, "minutes": args.minutes, "seeds": args.seeds, "runs": runs,
+              "folder": str(out)}
+    for key in ("val_loss", "val_bpb", "steps"):
+        values = [x[key] for x in runs if x[key] is not None]
+        if values:
+            mean, ci = t_interval(values)
+            report[key] = {"mean": round(mean, 4), "ci95": None if ci != ci else round(ci, 4)}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -200,3 +200,12 @@ def test_families_without_a_transformers_class(tmp_path, capsys, family, model):
         assert code == 1 and "model class" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(UserError, match="only llama-family"):
         ex.export_hf(run, tmp_path / "direct")
+
+
+def test_chat_on_a_hugging_face_folder_prints_what_the_run_prints(runs, exported, capsys):
+    args = ["--prompt", "Lily had a", "--temperature", "0", "-n", "20", "--device", "cpu"]
+    code, want, err = lmkit(capsys, "chat", str(runs["gqa"]), *args)
+    assert code == 0 and want.strip(), err
+    code, got, err = lmkit(capsys, "chat", str(exported["gqa"]), *args)
+    assert code == 0, err
+    assert got == want

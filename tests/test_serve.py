@@ -39,8 +39,8 @@ class Server:
     def __init__(self, target: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, LMKIT_SERVE_QUIET="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(target), "--port", str(self.port),
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "toolkit", "-q", "serve", str(target), "--port", str(self.port),
                                       *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
 

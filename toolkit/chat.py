@@ -43,13 +43,22 @@ class Target:
 
 
 def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu") -> Target:
-    """A run folder, a .gguf file, or a llama2.c model.bin (with -z tokenizer.bin, or the one beside it)."""
+    """A run folder, a Hugging Face llama folder, a .gguf file, or a llama2.c model.bin (with -z tokenizer.bin, or
+    the one beside it)."""
     from toolkit.run import is_run, load_run
 
     path = Path(path)
+    if path.is_dir() and not is_run(path) and (path / "config.json").is_file():
+        from toolkit.export import open_hf
+
+        if tokenizer is not None:
+            raise UserError("-z/--tokenizer is for a llama2.c .bin; a Hugging Face folder has its own tokenizer")
+        opened = open_hf(path, device)
+        return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
     if path.is_dir():
         if not is_run(path):
-            raise UserError(f"{path} is not a run folder (needs model.safetensors and recipe.toml)")
+            raise UserError(f"{path} is not a run folder (needs model.safetensors and recipe.toml) nor a Hugging "
+                            "Face model folder (config.json)")
         if tokenizer is not None:
             raise UserError("-z/--tokenizer is for a llama2.c .bin; a run folder has its own tokenizer/")
         run = load_run(path, device)
@@ -69,7 +78,7 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
 
         opened = open_bin(path, tokenizer, device)
         return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
-    raise UserError(f"not found: {path} (give a run folder or a llama2.c model.bin)")
+    raise UserError(f"not found: {path} (give a run folder, a Hugging Face folder, a .gguf or a llama2.c model.bin)")
 
 
 RUNC_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}  # run.c's defaults

@@ -12,7 +12,8 @@ from toolkit.errors import UserError
 
 
 def chat(
-    target: str = typer.Argument(..., help="A run folder, or a llama2.c model.bin (v0, v1 or v2)."),
+    target: str = typer.Argument(..., help="A run folder, a Hugging Face llama folder, a .gguf, or a llama2.c model.bin "
+                                "(v0, v1 or v2)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", "-z", help="llama2.c tokenizer.bin for a .bin model "
                                    "(default: the one beside it). A tokenizer.model of the same name beside it "
                                    "is preferred when it matches."),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 
+from toolkit import console
 from toolkit.console import info
 from toolkit.errors import UserError
 
@@ -57,4 +57,4 @@ def serve(
          f"{', API key required' if api_key else ''})", style=None)
     if host not in LOOPBACK and not api_key:
         info("warning: listening beyond this machine without --api-key", style="yellow")
-    run(app, sock, quiet=os.environ.get("LMKIT_SERVE_QUIET") == "1")
+    run(app, sock, quiet=console.QUIET)

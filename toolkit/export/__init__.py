@@ -125,7 +125,8 @@ def export_run(run_path: Path, out: Path, fmt: str = "v0", group_size: int = 0, 
     from toolkit.run import load_run
 
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: expected one of v0 (run.c), v1 (fp32), v2 (int8, runq.c)")
+        raise UserError(f"--format {fmt!r}: expected one of v0 (run.c), v1 (fp32), v2 (int8, runq.c), "
+                        f"hf (transformers), gguf (llama.cpp, Ollama)")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a folder; give the file to write, e.g. -o {out / 'model.bin'}")
