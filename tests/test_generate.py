@@ -196,3 +196,15 @@ def test_numpy_decoder_is_deterministic():
         dec = LlamaCPUDecoder(model)
         again = torch.stack([dec.logits(ids[:t]) for t in (5, 27)])
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], again)
+
+
+def test_stop_text_one_or_several_stops():
+    s = G.StopText("\nQ:")  # one string, as the REPL's template stop
+    assert [s.feed(p) for p in ["Max is", " here.\n", "Q", ": next"]] == ["Max is", " here.", "", ""]
+    assert s.stopped and s.text == "Max is here." and s.flush() == ""
+    s = G.StopText(["END", "xy"])  # several, as a request's `stop`: the earliest wins
+    assert s.feed("axEND") == "ax" and s.stopped and s.text == "ax"
+    s = G.StopText(None)
+    assert s.feed("abc") == "abc" and s.flush() == "" and not s.stopped
+    s = G.StopText(["END", "ENX"])
+    assert s.feed("aEN") == "a" and s.feed("Y") == "ENY" and s.text == "aENY"

@@ -23,7 +23,6 @@ pytest.importorskip("fastapi")
 
 from toolkit import generate as G  # noqa: E402
 from toolkit.serve.scheduler import Event, Job, Scheduler  # noqa: E402
-from toolkit.serve.text import StopText  # noqa: E402
 
 KEY = "test-key"
 REPO = Path(__file__).resolve().parent.parent
@@ -158,9 +157,9 @@ def test_stop_strings_end_the_text_before_them(client):
 
 
 def test_stop_text_holds_back_a_possible_start():
-    s = StopText(["END", "xy"])
+    s = G.StopText(["END", "xy"])
     assert s.feed("abcE") == "abc" and s.feed("N") == "" and s.feed("Dzz") == "" and s.stopped
-    s = StopText(["END"])
+    s = G.StopText(["END"])
     assert s.feed("aE") == "a" and s.feed("x") == "Ex" and s.feed("EN") == "" and s.flush() == "EN"
 
 

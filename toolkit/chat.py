@@ -154,7 +154,7 @@ class Session:
         stats = G.Stats()
         stream = G.TextStream(self.tok, ids)
         stop_text = T.stop_text(self.template) if self.template else None
-        out = StopFilter(stop_text)
+        out = G.StopText(stop_text)
         gen = G.stream(self.decoder, ids, self.max_new_tokens, self.sampling, self.stops, stats)
         lead = bool(self.template)  # an answer's first token carries the dummy-prefix space: not shown
         try:
@@ -183,33 +183,7 @@ class Session:
         return answer, stats
 
 
-class StopFilter:
-    """Passes text through until `stop` appears (not passed on); holds back a tail that may start it."""
-
-    def __init__(self, stop: str | None):
-        self.stop, self.pending, self.text, self.stopped = stop, "", "", False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped or not piece:
-            return ""
-        if not self.stop:
-            self.text += piece
-            return piece
-        buf = self.pending + piece
-        cut = buf.find(self.stop)
-        if cut >= 0:
-            self.stopped, self.pending = True, ""
-            self.text += buf[:cut]
-            return buf[:cut]
-        hold = next((k for k in range(min(len(self.stop) - 1, len(buf)), 0, -1) if self.stop.startswith(buf[-k:])), 0)
-        emit, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
-        self.text += emit
-        return emit
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        self.text += out
-        return out
+StopFilter = G.StopText  # the one stop-string filter (toolkit.generate); one stop string here, the template's
 
 
 def _stdout(piece: str) -> None:

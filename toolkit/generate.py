@@ -8,7 +8,8 @@ A decoder is an object with `logits(ids)` (the next-token logits after `ids`), `
 - `WindowDecoder`: any other causal model: recompute over the last max_seq_len tokens each step.
 
 `TextStream` turns the token stream into text pieces that never split a UTF-8 character (byte-fallback
-pieces can carry half of one).
+pieces can carry half of one); `StopText` ends that text before the first of some stop strings (a chat
+template's "\nQ:", a request's `stop`), for the REPL and the server alike.
 """
 
 from __future__ import annotations
@@ -238,3 +239,42 @@ class TextStream:
         text = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return text[len(before) :]
+
+
+class StopText:
+    """Stop strings on generated text: `feed(piece)` passes text on until one of `stops` appears (it and what
+    follows are dropped, `stopped` turns True), and never passes on a tail that could be the start of one (held
+    back until it clearly is not; `flush()` gives it at the end). `text` is everything passed on so far."""
+
+    def __init__(self, stops: str | Sequence[str] | None = ()):
+        stops = (stops,) if isinstance(stops, str) else (stops or ())
+        self.stops = [s for s in stops if s]
+        self.pending, self.text, self.stopped = "", "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped or not piece:
+            return ""
+        buf = self.pending + piece
+        cuts = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.stopped, self.pending = True, ""
+            return self._emit(buf[: min(cuts)])
+        hold = max((self._partial(buf, s) for s in self.stops), default=0)
+        self.pending = buf[len(buf) - hold :]
+        return self._emit(buf[: len(buf) - hold])
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return self._emit(out)
+
+    def _emit(self, out: str) -> str:
+        self.text += out
+        return out
+
+    @staticmethod
+    def _partial(buf: str, stop: str) -> int:
+        """Length of the longest tail of `buf` that is a proper prefix of `stop`."""
+        for k in range(min(len(stop) - 1, len(buf)), 0, -1):
+            if buf.endswith(stop[:k]):
+                return k
+        return 0

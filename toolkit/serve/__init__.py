@@ -5,7 +5,6 @@
 - schemas.py    request bodies (pydantic) and the limits they are checked against
 - prompts.py    request -> prompt ids, through toolkit.chat.Session (chat templates, dropping old turns)
 - scheduler.py  ONE worker thread owns the model and advances every active request by a token per round
-- text.py       stop strings on text, holding back what could be the start of one
 - server.py     binds the socket and runs uvicorn
 
 This package is the only one in toolkit that knows HTTP.

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from toolkit import generate as G
-from toolkit.serve.text import StopText
 
 
 @dataclass
@@ -60,7 +59,7 @@ class _Running:
         self.gen = G.stream(G.decoder_for(model), job.prompt_ids, job.max_tokens, job.sampling, stop_ids,
                             self.stats)
         self.text = G.TextStream(tok, job.prompt_ids)
-        self.stops = StopText(job.stop_texts)
+        self.stops = G.StopText(job.stop_texts)
         self.lead = job.strip_lead
 
 
