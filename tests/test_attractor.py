@@ -134,7 +134,8 @@ def test_coupling_matrix_is_the_seed_laplacian():
 
 
 def test_trajectory_loss_terms_equal_their_formulas():
-    m = tiny(steps=4)
+    """lmkit's earlier readings (the entropy floor 1 + T, stacking penalties); the seed's: test_attractor_seed.py."""
+    m = tiny(steps=4, entropy_floor="lmkit", stack_repeat_penalties=True)
     m.train()
     N, W, D, V = 6, 4, 8, 50
     torch.manual_seed(3)
@@ -167,7 +168,7 @@ def test_trajectory_loss_terms_equal_their_formulas():
         bias[n, ctx[n, -1]] -= 2.0
         for tok in ctx[n, -3:]:
             bias[n, tok] -= 1.0
-    assert torch.allclose(attractor_model.shape_logits(torch.zeros(N, V), ctx, E), bias, atol=1e-6)
+    assert torch.allclose(attractor_model.shape_logits(torch.zeros(N, V), ctx, E, stack=True), bias, atol=1e-6)
     shaped = logits + bias + 0.005 * noise1
     ent = -(shaped.softmax(-1) * shaped.log_softmax(-1)).sum(-1)
     assert (ent < 1.0 * (1 + t)).tolist() == [True, True, False, False, False, False]
@@ -186,7 +187,7 @@ def test_trajectory_loss_terms_equal_their_formulas():
 def test_repulsion_sign_as_the_seed_and_switched():
     out = {}
     for sign in (-1.0, 1.0):
-        m = tiny(repulsion_sign=sign)
+        m = tiny(repulsion_sign=sign, repulsion_pool="window")  # (the seed's pooling: test_attractor_seed.py)
         m.train()
         S1 = F.normalize(torch.randn(4, 4, 8), dim=-1)
         S2 = S1 + 0.1 * torch.randn(4, 4, 8)

@@ -1,5 +1,5 @@
-"""`lmkit audio encode | score | decode | info | rollout`: music -> EnCodec codes -> priority scores, and back;
-T5 rollouts from audio prompts."""
+"""`lmkit audio encode | score | decode | info | rollout | jobs`: music -> EnCodec codes -> priority scores, and
+back; T5 rollouts from audio prompts, here or as jobs on an `lmkit serve` (--server)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,8 @@ def info_cmd(codes_file: Path = typer.Argument(..., help="A code file from `lmki
 def rollout_cmd(
     audio: Optional[Path] = typer.Argument(None, help="An audio file to take prompts from (encoded and scored in "
                                            "memory); or leave it out and give --from-codes."),
-    model: Path = typer.Option(..., "--model", "-m", help="A run folder of a T5 trained on audio codes (codebook0)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of a T5 trained on audio codes "
+                                         "(codebook0); or --server."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the wavs, the tapes (.npz) and rollout.json."),
     from_codes: Optional[Path] = typer.Option(None, "--from-codes", help="Take prompts from the code files scored in "
                                               "DIR/scores.parquet instead (the seed's in-distribution prompts)."),
@@ -197,14 +198,61 @@ def rollout_cmd(
                               "the one named in the code files)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace the files of an earlier rollout in OUT."),
+    server: Optional[str] = typer.Option(None, "--server", help="Run it on an `lmkit serve` of a T5 audio run at URL "
+                                         "instead: AUDIO is uploaded (--from-codes names a folder on the server), "
+                                         "the job is followed with a progress bar and its files fetched into OUT."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMKIT_API_KEY", show_envvar=True,
+                                          help="With --server: sent as 'Authorization: Bearer KEY'."),
+    job: Optional[str] = typer.Option(None, "--job", help="With --server: follow and fetch an earlier job (its id) "
+                                      "instead of submitting one."),
 ):
-    """Extend prompts from high-priority chunks with a T5 (continuation / in-fill "tape"), decode to wav."""
+    """Extend prompts from high-priority chunks with a T5 (continuation / in-fill "tape"), decode to wav; locally
+    (--model) or as a job on a server (--server)."""
+    from dataclasses import asdict
+
     from toolkit.audio.rollout import RolloutSettings, rollout
 
     settings = RolloutSettings(samples=samples, prompt_length=prompt_length, iterations=iterations,
                                tokens_per_step=tokens_per_step, infill_prob=infill_prob, infill_length=infill_length,
                                temperature=temperature, top_k=top_k, seed=seed)
+    if (model is None) == (server is None):
+        raise UserError("give exactly one of --model RUN (roll out here) or --server URL (on a server)")
+    if server is not None:
+        from toolkit.serve.client import Client, remote_rollout
+
+        if device != "auto":
+            raise UserError("--device is the server's (lmkit serve --device); leave it out with --server")
+        done = remote_rollout(Client(server, api_key), out, asdict(settings), audio=audio,
+                              from_codes=str(from_codes) if from_codes else None, codec=codec, job_id=job, force=force)
+        report = done["report"] or {}
+        info(f"{out}: job {done['id']}: {len(done['files'])} file(s), {report.get('seconds_generated', 0):.1f} s of "
+             f"audio generated on the server in {report.get('generate_seconds', 0):.1f} s")
+        return
+    if job is not None:
+        raise UserError("--job is for --server")
     report = rollout(model, out, settings, audio_path=audio, from_codes=from_codes, codec_name=codec, device=device,
                      force=force)
     info(f"{out}: {samples} tape(s), {report['seconds_generated']:.1f} s of audio generated in "
          f"{report['generate_seconds']:.1f} s ({report['seconds_per_audio_second'] or 0:.2f} s per second of audio)")
+
+
+@app.command("jobs")
+def jobs_cmd(
+    server: str = typer.Option(..., "--server", help="An `lmkit serve` of a T5 audio run, e.g. http://host:8000."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMKIT_API_KEY", show_envvar=True,
+                                          help="Sent as 'Authorization: Bearer KEY'."),
+):
+    """List a server's audio rollout jobs, newest first: id, status, progress, source."""
+    import time
+
+    from toolkit.serve.client import Client
+
+    jobs = Client(server, api_key).jobs()
+    if not jobs:
+        info(f"{server}: no audio rollout jobs")
+        return
+    for j in jobs:
+        p = j["progress"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created"]))
+        line = f"{j['id']}  {j['status']:<7}  {p['done']}/{p['total']}  {when}  {j['source']}"
+        print(line + (f"  ({j['error']})" if j.get("error") else ""))

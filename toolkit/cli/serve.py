@@ -29,9 +29,18 @@ def serve(
     max_active: int = typer.Option(16, "--max-active", help="Completions decoded side by side (one token each per "
                                    "round); the rest wait their turn."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a request may take before it is stopped."),
+    batch: bool = typer.Option(True, "--batch/--no-batch", help="One forward per round for all active completions "
+                               "(llama on CPU, fp32); --no-batch interleaves one forward per completion."),
+    jobs: Path = typer.Option(None, "--jobs", help="A T5 audio run: the folder for rollout jobs (default: RUN/jobs, "
+                              "or a temporary folder where RUN is not writable)."),
+    codec: str = typer.Option("", "--codec", help="A T5 audio run: the EnCodec for uploaded audio (default "
+                              "facebook/encodec_24khz; a job may name another)."),
+    data: list[Path] = typer.Option(None, "--data", help="A T5 audio run: a folder whose files (audio, code folders) "
+                                    "JSON requests may name (repeatable); without it, only uploads."),
 ):
     """Serve a model over HTTP: the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions with SSE
-    streaming, /v1/generate), /health, and a chat page at /."""
+    streaming, /v1/generate), /health, and a chat page at /. A T5 audio run (trained on codes) serves audio
+    rollout jobs instead: /v1/audio/rollouts (docs/serve.md)."""
     from toolkit import chat as chat_lib
     from toolkit.device import resolve_device
     from toolkit.serve import ServeSettings, create_app
@@ -45,16 +54,57 @@ def serve(
         raise UserError("--api-key / LMKIT_API_KEY is empty")
     sock = bind(host, port)  # before loading: a port in use fails fast
     try:
-        t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
         settings = ServeSettings(api_key=api_key, cors=tuple(cors or ()), max_queue=max_queue,
-                                 max_active=max_active, timeout=timeout)
-        app = create_app(t, settings)
+                                 max_active=max_active, timeout=timeout, batch=batch)
+        dev = str(resolve_device(device))
+        audio_run = _audio_run(Path(target), dev)
+        if audio_run is not None:
+            from toolkit.serve import AudioSettings, create_audio_app
+
+            folder = jobs or _jobs_dir(Path(target))
+            app = create_audio_app(audio_run, settings, AudioSettings(folder, codec, tuple(data or ()), dev))
+            name, what = Path(target).resolve().name, f"audio rollout jobs /v1/audio/rollouts, kept in {folder}"
+        else:
+            if jobs or codec or data:
+                raise UserError("--jobs, --codec and --data are for a T5 audio run (rollout jobs)")
+            t = chat_lib.load_target(target, tokenizer, dev)
+            app = create_app(t, settings)
+            name, what = Path(t.name).name, "chat page /, OpenAI API /v1"
     except BaseException:
         sock.close()
         raise
     shown = f"[{host}]" if ":" in host else host
-    info(f"serving {Path(t.name).name} on http://{shown}:{port}  (chat page /, OpenAI API /v1"
-         f"{', API key required' if api_key else ''})", style=None)
+    info(f"serving {name} on http://{shown}:{port}  ({what}{', API key required' if api_key else ''})", style=None)
     if host not in LOOPBACK and not api_key:
         info("warning: listening beyond this machine without --api-key", style="yellow")
     run(app, sock, quiet=console.QUIET)
+
+
+def _audio_run(path: Path, device: str):
+    """The loaded run when `path` is a run folder of a T5 over audio codes, else None (read from the recipe and the
+    tokenizer before any weights)."""
+    from toolkit import recipe as recipe_lib
+    from toolkit import run as run_lib
+
+    if not (path.is_dir() and run_lib.is_run(path)):
+        return None
+    try:
+        recipe = recipe_lib.load(path / run_lib.RECIPE)
+    except Exception:  # noqa: BLE001 - load_target reports a bad run folder
+        return None
+    if recipe.tokenizer.kind != "audio" or recipe.model.family != "t5":
+        return None
+    from toolkit.serve import is_audio_run
+
+    run = run_lib.load_run(path, device)
+    return run if is_audio_run(run) else None
+
+
+def _jobs_dir(run: Path) -> Path:
+    import os
+    import tempfile
+
+    folder = run / "jobs"
+    if os.access(run, os.W_OK):
+        return folder
+    return Path(tempfile.mkdtemp(prefix="lmkit-jobs-"))

@@ -284,7 +284,7 @@ def read_tokenizer(reader, path: Path):
 def open_gguf(path: Path, device="cpu"):
     """A llama GGUF as an lmkit model, tokenizer and recipe, in memory (what `lmkit chat model.gguf` uses)."""
     from toolkit import models
-    from toolkit.export.hf import Opened, imported_recipe
+    from toolkit.export.hf import Opened, imported_recipe, load_checked
 
     path = Path(path)
     reader = open_reader(path)
@@ -297,15 +297,7 @@ def open_gguf(path: Path, device="cpu"):
     tok = read_tokenizer(reader, path)
     recipe = imported_recipe(field(reader, RECIPE_KEY), values, path, "GGUF", tok.kind, tok.vocab_size)
     model = models.build(recipe.model, values["vocab_size"])
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not (k == "output.weight" and values["tie_embeddings"])]
-    if missing:
-        raise UserError(f"{path}: no tensor {gguf_name(missing[0])} ({len(missing)} missing)")
-    for k, t in tensors.items():
-        if expected[k].shape != t.shape:
-            raise UserError(f"{path}: {gguf_name(k)} has shape {tuple(t.shape)}, its header needs "
-                            f"{tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)
+    load_checked(model, tensors, values["tie_embeddings"], path, gguf_name, "its header")
     return Opened(model.to(device).eval(), tok, recipe, int(field(reader, STEP_KEY, 0) or 0))
 
 

@@ -539,6 +539,20 @@ class Opened:
     step: int
 
 
+def load_checked(model, state: dict, tied: bool, where: Path, name_of, header: str) -> None:
+    """Load imported tensors (lmkit names) into `model`, refusing a missing tensor or a wrong shape in one line that
+    names the tensor as the file calls it (`name_of`)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (k == "output.weight" and tied)]
+    if missing:
+        raise UserError(f"{where}: no tensor for {name_of(missing[0])} ({len(missing)} missing)")
+    for k, t in state.items():
+        if expected[k].shape != t.shape:
+            raise UserError(f"{where}: {name_of(k)} has shape {tuple(t.shape)}, {header} needs "
+                            f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
 def open_hf(folder: Path, device="cpu") -> Opened:
     """A transformers llama folder as an lmkit model, tokenizer and recipe, in memory."""
     from toolkit import models
@@ -559,15 +573,7 @@ def open_hf(folder: Path, device="cpu") -> Opened:
     recipe = imported_recipe(meta.get(RECIPE_KEY), values, folder, "transformers", tok.kind, tok.vocab_size)
     state = from_hf_tensors(tensors, values["n_heads"], values["n_kv_heads"])
     model = models.build(recipe.model, values["vocab_size"])
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not (k == "output.weight" and values["tie_embeddings"])]
-    if missing:
-        raise UserError(f"{folder}: no tensor for {hf_name(missing[0])} ({len(missing)} missing)")
-    for k, t in state.items():
-        if expected[k].shape != t.shape:
-            raise UserError(f"{folder}: {hf_name(k)} has shape {tuple(t.shape)}, config.json needs "
-                            f"{tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=False)
+    load_checked(model, state, values["tie_embeddings"], folder, hf_name, "config.json")
     return Opened(model.to(device).eval(), tok, recipe, int(meta.get("lmkit_step", 0) or 0))
 
 

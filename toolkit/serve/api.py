@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toolkit import chat as chat_lib
 from toolkit.errors import UserError
+from toolkit.serve.audio import AudioSettings, JobStore, parse_form, parse_settings
 from toolkit.serve.errors import ApiError, error_body
 from toolkit.serve.prompts import Prompt, Prompter
 from toolkit.serve.scheduler import Event, Job, Scheduler
@@ -39,6 +40,7 @@ class ServeSettings:
     max_queue: int = 64  # requests accepted at once (decoding or waiting); more get a 429
     max_active: int = 16  # jobs (choices) decoded side by side
     timeout: float = 300.0  # seconds a request may take
+    batch: bool = True  # one forward per round for all active requests where the model allows (llama on CPU)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -131,7 +133,7 @@ class Service:
         self.model_id = Path(target.name).name or target.name
         self.max_len = target.model.config.max_seq_len
         self.prompter = Prompter(target)
-        self.scheduler = Scheduler(target.model, target.tokenizer, settings.max_active)
+        self.scheduler = Scheduler(target.model, target.tokenizer, settings.max_active, settings.batch)
         self.slots = Slots(settings.max_queue)
         self.started = time.time()
         self.requests_served = 0
@@ -309,31 +311,8 @@ def rss_bytes() -> int | None:
 
 def create_app(target: chat_lib.Target, settings: ServeSettings = ServeSettings()) -> FastAPI:
     service = Service(target, settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        service.scheduler.close()
-
-    app = FastAPI(title="lmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app, v1 = base_app(settings, settings.limits.max_body_bytes, service.scheduler.close)
     app.state.service = service
-    install_error_handlers(app)
-    if settings.cors:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["*"],
-                           allow_headers=["*"])
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
-
-    def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
     @app.get("/health")
     async def health():
@@ -392,6 +371,118 @@ def create_app(target: chat_lib.Target, settings: ServeSettings = ServeSettings(
             out.update(seconds=round(seconds, 4),
                        tokens_per_s=round(out["completion_tokens"] / seconds, 2) if seconds > 0 else 0.0)
         return out
+
+    @v1.api_route("/audio/rollouts", methods=["GET", "POST"])
+    async def no_audio():
+        raise ApiError(404, f"{service.model_id} is a text model: audio rollout jobs need a served T5 audio run",
+                       code="not_an_audio_model")
+
+    app.include_router(v1)
+    return app
+
+
+def base_app(settings: ServeSettings, max_body: int, on_shutdown) -> tuple[FastAPI, APIRouter]:
+    """The app with what every served model has: error handlers, CORS, the body limit, and the /v1 router that
+    checks the API key (include it once its routes are added)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        on_shutdown()
+
+    app = FastAPI(title="lmkit serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    install_error_handlers(app)
+    if settings.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+
+    def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    return app, APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+
+def create_audio_app(run, settings: ServeSettings, audio: AudioSettings) -> FastAPI:
+    """A served T5 audio run: /health, /v1/models and the rollout jobs (serve/audio.py)."""
+    from fastapi.responses import FileResponse
+
+    from toolkit.audio.rollout import check_model
+
+    check_model(run)
+    store = JobStore(run, audio)
+    app, v1 = base_app(settings, audio.max_upload_bytes, store.close)
+    app.state.jobs = store
+    model_id = Path(run.path).name
+    started = time.time()
+
+    def card() -> dict:
+        return {"id": model_id, "object": "model", "created": int(started), "owned_by": "lmkit", "family": "t5",
+                "kind": "audio", "context_length": run.model.config.max_seq_len, "params": run.model.num_params(),
+                "endpoints": ["/v1/audio/rollouts"]}
+
+    @app.get("/health")
+    async def health():
+        jobs = store.list()
+        counts = {state: sum(j["status"] == state for j in jobs) for state in ("queued", "running", "done", "failed")}
+        return {"status": "ok", "model": model_id, "family": "t5", "kind": "audio", "params": run.model.num_params(),
+                "uptime_s": round(time.time() - started, 3), "jobs": counts, "rss_bytes": rss_bytes()}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [card()]}
+
+    @v1.post("/audio/rollouts")
+    async def submit(request: Request):
+        kind = request.headers.get("content-type", "")
+        body = await request.body()
+        if kind.startswith("multipart/form-data"):
+            form, files = parse_form(body, kind)
+            if "file" not in files:
+                raise ApiError(400, "the multipart body has no audio file (field 'file')", "file")
+            codec = form.pop("codec", "")
+            s = parse_settings(form)
+            job = store.submit(s, upload=files["file"], codec=codec)
+        else:
+            try:
+                given = json.loads(body)
+            except ValueError:
+                raise ApiError(400, "expected JSON (naming a file on the server) or a multipart/form-data upload"
+                               ) from None
+            if not isinstance(given, dict):
+                raise ApiError(400, "expected a JSON object")
+            audio_path, codes = given.pop("audio", None), given.pop("from_codes", None)
+            codec = given.pop("codec", "") or ""
+            if (audio_path is None) == (codes is None) or not isinstance(audio_path or codes, str):
+                raise ApiError(400, "name exactly one of 'audio' (an audio file on the server) or 'from_codes' (a "
+                               "folder of code files with scores.parquet), or upload the audio as multipart")
+            s = parse_settings(given)
+            if audio_path is not None:
+                job = store.submit(s, audio=store.server_path(audio_path, "audio"), codec=codec)
+            else:
+                job = store.submit(s, from_codes=store.server_path(codes, "from_codes"), codec=codec)
+        return JSONResponse(store.public(job), 202)
+
+    @v1.get("/audio/rollouts")
+    async def jobs():
+        return {"object": "list", "data": [store.public(j) for j in store.list()]}
+
+    @v1.get("/audio/rollouts/{job_id}")
+    async def job(job_id: str):
+        return store.public(store.get(job_id))
+
+    @v1.get("/audio/rollouts/{job_id}/files/{name:path}")
+    async def job_file(job_id: str, name: str):
+        path = store.file(job_id, name)
+        media = {".wav": "audio/wav", ".npz": "application/octet-stream", ".json": "application/json"}
+        return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"), filename=path.name)
 
     app.include_router(v1)
     return app

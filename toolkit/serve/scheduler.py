@@ -1,11 +1,15 @@
 """One worker thread owns the model and decodes every active request, one token each per round.
 
-Each job (one choice of one request) has its own decoder from `generate.decoder_for(model)`, so its own KV
-cache: no job sees another's tokens, and a job's state is dropped when it ends. Jobs join the round when a
-slot is free (at most `max_active` decode side by side; the rest wait in order) and leave when they finish,
-are cancelled (the client went away) or pass their deadline. Decoding is interleaved, not batched: a round is
-one `generate.stream` step per active job, so 8 streams each get about 1/8 of the single-stream speed, and a
-long prompt's prefill holds the round up while it runs.
+Each job (one choice of one request) has its own decoder, so its own KV cache: no job sees another's tokens,
+and a job's state is dropped when it ends. Jobs join the round when a slot is free (at most `max_active` decode
+side by side; the rest wait in order) and leave when they finish, are cancelled (the client went away) or pass
+their deadline. Every job's tokens come from `generate.stream`, the one loop, with its own sampling.
+
+Batched (llama on CPU, fp32: toolkit.models.llama_batch): a round is ONE forward for every job past its prompt
+(`LlamaBatch.step`, each row at its own position over its own cache), whose logits rows are then handed to each
+job's `generate.stream` through its `_Slot` decoder; a new job's prompt runs on its own decoder in its first
+round. Other models are interleaved: a round is one `generate.stream` step per job, so 8 streams each get about
+1/8 of the single-stream speed. Either way a long prompt's prefill holds the round up while it runs.
 
 Events go back through each job's `emit` (called on the worker thread; the API hands them to its event loop).
 """
@@ -20,7 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from toolkit import generate as G
+from toolkit.models.llama_batch import LlamaBatch, batchable
 
 
 @dataclass
@@ -50,22 +57,43 @@ class Job:
         self.cancelled.set()
 
 
+class _Slot:
+    """A job's decoder when batching: `logits(ids)` hands over the row the batched step computed for exactly these
+    ids (`pending`), else (the prompt, or after a failed batched step) runs the job's own decoder."""
+
+    sliding = False
+
+    def __init__(self, dec):
+        self.dec, self.max_len = dec, dec.max_len
+        self.last: int | None = None  # the token just yielded: the batched step feeds it next round
+        self.pending: tuple[int, torch.Tensor] | None = None
+
+    def logits(self, ids):
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == len(ids) and self.dec.done[-1] == ids[-1]:
+            return pending[1]
+        return self.dec.logits(ids)
+
+
 class _Running:
     """A job on the worker: its token stream and text state."""
 
-    def __init__(self, job: Job, model, tok, stop_ids):
+    def __init__(self, job: Job, model, tok, stop_ids, batch: LlamaBatch | None):
         self.job = job
         self.stats = G.Stats()
-        self.gen = G.stream(G.decoder_for(model), job.prompt_ids, job.max_tokens, job.sampling, stop_ids,
-                            self.stats)
+        self.slot = _Slot(batch.new_decoder()) if batch is not None else None
+        self.gen = G.stream(self.slot or G.decoder_for(model), job.prompt_ids, job.max_tokens, job.sampling,
+                            stop_ids, self.stats)
         self.text = G.TextStream(tok, job.prompt_ids)
         self.stops = G.StopText(job.stop_texts)
         self.lead = job.strip_lead
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_active: int = 16):
+    def __init__(self, model, tokenizer, max_active: int = 16, batch: bool = True):
         self.model, self.tok, self.max_active = model, tokenizer, max_active
+        model.eval()
+        self.batch = LlamaBatch(model) if batch and batchable(model) else None
         self.stop_ids = G.stop_ids_for(tokenizer)
         self.waiting: deque[Job] = deque()
         self.active: list[_Running] = []
@@ -102,6 +130,8 @@ class Scheduler:
                     starting.append(self.waiting.popleft())
             for job in starting:
                 self._start(job)
+            if self.batch is not None:
+                self._batch_step()
             for run in list(self.active):
                 if not self._advance(run):
                     self.active.remove(run)
@@ -111,7 +141,7 @@ class Scheduler:
         if job.cancelled.is_set():
             return
         try:
-            self.active.append(_Running(job, self.model, self.tok, self.stop_ids))
+            self.active.append(_Running(job, self.model, self.tok, self.stop_ids, self.batch))
         except Exception as e:  # noqa: BLE001 - a bad job must not stop the worker
             self._fail(job, e)
 
@@ -134,6 +164,8 @@ class Scheduler:
             self._fail(job, e)
             return False
         self.tokens_generated += 1
+        if run.slot is not None:
+            run.slot.last = token
         piece = run.stops.feed(self._lead(run, run.text.push(token)))
         if run.stops.stopped:
             self._finish(run, piece, "stop")
@@ -141,6 +173,32 @@ class Scheduler:
         if piece:
             job.emit(Event(job.index, text=piece))
         return True
+
+    def _batch_step(self) -> None:
+        """One forward for every job that has yielded a token and will ask for the next one; each gets its row."""
+        rows = []
+        for run in self.active:
+            slot = run.slot
+            if slot is None or slot.last is None:
+                continue
+            # generate.stream asks for logits next unless the job is at max_tokens or the end of the context
+            if (not run.job.cancelled.is_set() and run.stats.new_tokens < run.job.max_tokens
+                    and len(slot.dec.done) + 1 < slot.max_len):
+                rows.append(slot)
+            else:
+                slot.last = None
+        if not rows:
+            return
+        try:
+            logits = self.batch.step([r.dec for r in rows], [r.last for r in rows], [len(r.dec.done) for r in rows])
+        except Exception as e:  # noqa: BLE001 - each job then runs its own decoder, which redoes the position
+            traceback.print_exception(e, file=sys.stderr)
+            for r in rows:
+                r.last = None
+            return
+        for i, r in enumerate(rows):
+            r.dec.done.append(r.last)
+            r.pending, r.last = (len(r.dec.done), torch.from_numpy(logits[i])), None
 
     @staticmethod
     def _lead(run: _Running, piece: str) -> str:

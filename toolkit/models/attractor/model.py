@@ -17,7 +17,9 @@ from toolkit.models.base import LanguageModel
 
 # the seed's constants (seeds.md 1.2); the relaxation's are in relax.py
 CORE_MARGIN = 0.2
-FLOOR_WEIGHT, FLOOR_SHARPNESS, FLOOR_REF = 2.0, 8.0, 0.12
+FLOOR_WEIGHT, FLOOR_SHARPNESS, FLOOR_REF = 2.0, 8.0, 0.12  # the seed's ENTROPY_FLOOR is FLOOR_WEIGHT
+ENTROPY_FLOORS = ("seed", "lmkit")
+REPULSION_POOLS = ("last", "window")
 REPULSION_WEIGHT, REPULSION_MEMORY = 0.08, 8
 ENERGY_REG = 0.001
 LABEL_SMOOTHING, ENTROPY_WEIGHT, BIGRAM_WEIGHT = 0.06, 0.03, 0.025
@@ -43,7 +45,14 @@ class Config:
     loss: str = "trajectory"  # trajectory (the seed's objective) | ce (plain token CE)
     token_aux_ce: float = 0.2  # weight of the shaped, smoothed token CE in the trajectory loss
     readout_aux: float = 0.15  # weight of the single-state readout CE
-    entropy_floor: float = 1.0  # nats, times (1 + mean tension): below it the shaped logits get extra noise
+    # the token aux CE gives a window's shaped logits extra noise when their entropy is below this floor (nats):
+    # "seed" = the seed's 2 (1 + 0.5 (1 - sigmoid(8 (T - 0.12)))), T the batch's mean final tension (about 2.2);
+    # a number f: f (1 + T), lmkit's earlier reading ("lmkit" = 1.0, about 1.25 nats)
+    entropy_floor: float | str = "seed"
+    repulsion_pool: str = "last"  # the repulsion's batch summary: the mean of the last position's final state (the
+    #                               seed), or "window": the mean final window (lmkit's earlier reading)
+    stack_repeat_penalties: bool = False  # the shaping's -1 on the last 3 context tokens: once per distinct token (the
+    #                                       seed), or, True, once per occurrence (lmkit's earlier reading)
     per_sample_energy: bool = False  # True: grad E per window (dt / W), independent of the batch
     energy_rows: int = 0  # rows the batch-mean energy divides by; 0 = the call's rows (the seed: B=1 generation
     #                       relaxes 64x harder than B=64 training); 64 = relax alike in training, eval, generation
@@ -73,6 +82,9 @@ class Config:
         check_choice(self.loss, "loss", ("trajectory", "ce"))
         check(self.loss == "ce" or self.steps >= 2, "steps", "at least 2 for the trajectory loss")
         check(self.repulsion_sign in (-1.0, 0.0, 1.0), "repulsion_sign", "-1 (the seed), 0 (off) or 1")
+        check(self.entropy_floor in ENTROPY_FLOORS if isinstance(self.entropy_floor, str) else self.entropy_floor >= 0,
+              "entropy_floor", '"seed", "lmkit" or a number of nats >= 0')
+        check_choice(self.repulsion_pool, "repulsion_pool", REPULSION_POOLS)
         check(self.sample_top_k >= 0 and self.sample_temperature >= 0, "sample_top_k", "values >= 0")
 
     @property
@@ -85,16 +97,43 @@ def window_state(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.layer_norm(x, (x.shape[-1],)), dim=-1)
 
 
-def shape_logits(logits: torch.Tensor, context: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+def shape_logits(logits: torch.Tensor, context: torch.Tensor, emb: torch.Tensor | None,
+                 stack: bool = False) -> torch.Tensor:
     """The seed's logit shaping from the window's tokens (N, W), applied in place to `logits` (N, V): plus the
-    bigram bias 0.025 * E[prev] E^T (E = `emb`; None: the caller has added it), -2 on the previous token, -1 on
-    each of the last 3 context tokens (repeats add up). Returns `logits`."""
+    bigram bias 0.025 * E[prev] E^T (E = `emb`; None: the caller has added it), -2 on the previous token, then -1 on
+    each distinct token among the last 3 context tokens (so the previous token gets -3; the seed subtracts by
+    index assignment, where a repeated index counts once); `stack`: -1 per occurrence instead. Returns `logits`."""
     prev = context[:, -1]
     if emb is not None:
         logits += BIGRAM_WEIGHT * (emb[prev] @ emb.t())
     logits.scatter_add_(1, prev[:, None], torch.full_like(prev[:, None], -PREV_PENALTY, dtype=logits.dtype))
     recent = context[:, -RECENT_TOKENS:]
-    return logits.scatter_add_(1, recent, torch.full_like(recent, -RECENT_PENALTY, dtype=logits.dtype))
+    penalty = torch.full_like(recent, -RECENT_PENALTY, dtype=logits.dtype)
+    if stack:
+        return logits.scatter_add_(1, recent, penalty)
+    same = recent[:, :, None] == recent[:, None, :]  # (N, 3, 3)
+    penalty = penalty.masked_fill_(same.triu(1).any(-1), 0.0)  # a token that comes again later leaves it to that one
+    if not logits.requires_grad:
+        return logits.scatter_add_(1, recent, penalty)
+    count = same.sum(-1).to(logits.dtype)  # (N, 3): how often each entry's token occurs among the last 3
+    return RecentPenalty.apply(logits, recent, penalty, (count - 1) / count)
+
+
+class RecentPenalty(torch.autograd.Function):
+    """logits.scatter_add_(1, recent, penalty), in place, with the seed's gradient: its `lo[rows, last3] -= 1` reads
+    a repeated token's logit once per occurrence, so autograd hands that logit its gradient once per occurrence
+    (`extra` (N, 3): (count - 1) / count per entry, summed over an entry's repeats)."""
+
+    @staticmethod
+    def forward(ctx, logits, recent, penalty, extra):
+        ctx.save_for_backward(recent, extra)
+        ctx.mark_dirty(logits)
+        return logits.scatter_add_(1, recent, penalty)
+
+    @staticmethod
+    def backward(ctx, g):
+        recent, extra = ctx.saved_tensors
+        return g.scatter_add(1, recent, g.gather(1, recent) * extra), None, None, None
 
 
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
@@ -139,8 +178,9 @@ class Model(LanguageModel):
         self.coupling_scale = nn.Parameter(torch.tensor(inv_softplus(0.07)))
         self.coupling_dt = nn.Parameter(torch.tensor(inv_softplus(0.09)))
         self.coupling_asym = nn.Parameter(torch.tensor(0.0))
-        # the repulsion term's memory: mean final state of the last 8 training batches (saved with the
-        # weights, so that a resumed run continues exactly)
+        # the repulsion term's memory: the mean final window of the last 8 training batches, (W * D) each, whatever
+        # `repulsion_pool` (its last D numbers are the mean last-position state); saved with the weights, so that a
+        # resumed run continues exactly
         self.register_buffer("memory", torch.zeros(REPULSION_MEMORY, c.window * c.dim))
         self.register_buffer("memory_count", torch.zeros((), dtype=torch.long))
         self._compiled_step = None  # `compile_relaxation`: relax.fast_step compiled on first use
@@ -218,20 +258,22 @@ class Model(LanguageModel):
         P = min(c.train_positions, T) if (self.training and targets is not None and c.train_positions) else T
         ctx = self.windows(idx)[:, T - P :].reshape(B * P, c.window)
         trajectory = targets is not None and c.loss == "trajectory"
-        logits, emb_rows, S, states, T_final = self.score(ctx, B, keep_states=trajectory)
+        logits, emb_rows, S, states, _ = self.score(ctx, B, keep_states=trajectory)
         if targets is None:
             return logits.view(B, P, -1), None
         y = targets[:, T - P :].reshape(-1)
         if c.loss == "ce":
             loss = F.cross_entropy(logits.float(), y, ignore_index=-1)
         else:
-            loss = self.trajectory_loss(states, S, T_final, logits, ctx, y, B, prev_emb=emb_rows[:, -1])["loss"]
+            # the loss's tension is the final state's (after the last step's break), as the seed computes it
+            T = relax.fast_tension(S.unflatten(-1, (c.n_waves, -1)).permute(2, 1, 0, 3))  # (relax.tension, faster)
+            loss = self.trajectory_loss(states, S, T, logits, ctx, y, B, prev_emb=emb_rows[:, -1])["loss"]
         return logits.view(B, P, -1), loss
 
     def trajectory_loss(self, states, S, T_final, logits, ctx, y, rows, prev_emb=None) -> dict:
-        """The seed's training objective and its terms (names as in its CSV where it has one). `prev_emb`:
-        E[prev], the embedding of each window's last token, when the caller has it (one embedding lookup
-        and one gradient scatter fewer)."""
+        """The seed's training objective and its terms (names as in its CSV where it has one). `T_final`: the
+        tension of each final window (N,); `prev_emb`: E[prev], the embedding of each window's last token, when
+        the caller has it (one embedding lookup and one gradient scatter fewer)."""
         c = self.config
         terms = {}
         # cos(pred, teacher) - cos(pred, neg) = pred . (t - t[perm]) / |pred| with t the unit teachers: one
@@ -256,11 +298,11 @@ class Model(LanguageModel):
         emb = self.embedder.weight
         prev_emb = emb[ctx[:, -1]] if prev_emb is None else prev_emb
         bigram = F.linear(prev_emb * BIGRAM_WEIGHT, emb).float()  # a new tensor: shaped in place
-        shaped = shape_logits(bigram.add_(logits), ctx, None)
+        shaped = shape_logits(bigram.add_(logits), ctx, None, c.stack_repeat_penalties)
         shaped = shaped.add_(torch.empty_like(shaped).normal_(0, SHAPING_NOISE))
         logp = F.log_softmax(shaped, dim=-1)
         entropy = entropy_of(logp)
-        low = entropy < c.entropy_floor * (1 + t_mean.detach())
+        low = entropy < self.entropy_threshold(t_mean.detach())
         if torch.compiler.is_compiling():  # extra noise where the distribution is too sharp
             shaped = shaped + low[:, None] * LOW_ENTROPY_NOISE * torch.randn_like(shaped)
             logp = F.log_softmax(shaped, dim=-1)
@@ -279,21 +321,32 @@ class Model(LanguageModel):
                          + c.token_aux_ce * terms["token_aux_ce"] + c.readout_aux * terms["readout_aux_ce"])
         return terms
 
+    def entropy_threshold(self, t_mean: torch.Tensor) -> torch.Tensor:
+        """The entropy (nats) below which a window's shaped logits get the extra noise, from the mean tension."""
+        f = self.config.entropy_floor
+        if f == "seed":  # the seed's ENTROPY_FLOOR, tension-scaled as its loss's floor term
+            return FLOOR_WEIGHT * (1 + 0.5 * (1 - torch.sigmoid(FLOOR_SHARPNESS * (t_mean - FLOOR_REF))))
+        return (1.0 if f == "lmkit" else f) * (1 + t_mean)
+
     def repulsion(self, S: torch.Tensor) -> torch.Tensor:
-        """Mean cosine between this batch's mean final window and those of the last 8 training batches; the
-        batch's own mean joins the memory (training only)."""
-        m = S.mean(0).flatten()
+        """Mean cosine between this batch's pooled final state (`repulsion_pool`: the mean over the windows of the
+        last position's state, as the seed, or of the whole window) and those of the last 8 training batches; the
+        batch's mean window joins the memory (training only)."""
+        window = S.mean(0).flatten()  # (W * D); its last D numbers are the mean last-position state
+        last = self.config.repulsion_pool == "last"
+        m = window[-S.shape[-1]:] if last else window
+        memory = self.memory[:, -S.shape[-1]:] if last else self.memory
         n = int(self.memory_count.clamp(max=REPULSION_MEMORY)) if not torch.compiler.is_compiling() else None
         if n is None:  # under torch.compile: weight the unfilled slots out instead of slicing
             valid = (torch.arange(REPULSION_MEMORY, device=m.device) < self.memory_count).float()
-            cos = F.cosine_similarity(self.memory, m[None], dim=-1)
+            cos = F.cosine_similarity(memory, m[None], dim=-1)
             out = (cos * valid).sum() / valid.sum().clamp_min(1)
         else:
-            out = F.cosine_similarity(self.memory[:n], m[None], dim=-1).mean() if n else m.sum() * 0
+            out = F.cosine_similarity(memory[:n], m[None], dim=-1).mean() if n else m.sum() * 0
         if self.training:
             with torch.no_grad():
                 self.memory.copy_(torch.roll(self.memory, 1, 0))
-                self.memory[0] = m.detach()
+                self.memory[0] = window.detach()
                 self.memory_count += 1
         return out
 
@@ -310,7 +363,8 @@ class Model(LanguageModel):
         """The seed's val_ce of the windows `ctx` (N, W) summed over `targets` (N,): the logits (N, V) plus the
         bigram bias and the -2/-1 repeat penalties, CE with label smoothing 0.06 (no noise), in fp32."""
         with torch.autocast(ctx.device.type, enabled=False):
-            shaped = shape_logits(logits.to(torch.float32, copy=True), ctx, self.embedder.weight)
+            shaped = shape_logits(logits.to(torch.float32, copy=True), ctx, self.embedder.weight,
+                                  self.config.stack_repeat_penalties)
             return smoothed_ce(shaped, targets, reduction="sum")
 
     def sampling_defaults(self) -> dict:
