@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; master weights stay fp32)
     compile: bool = False
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
     seed: int = 1337
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step (global, divided across DDP ranks)
@@ -128,6 +129,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choice(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
         check_choice(self.schedule, "schedule", ("cosine", "constant", "asr", "step"))
+        check_choice(self.parallel, "parallel", ("ddp", "fsdp"))
         check(self.schedule != "step" or self.step_size > 0, "step_size", "a positive step count for schedule 'step'")
         check(0 < self.gamma <= 1, "gamma", "a factor in (0, 1]")
         check_choice(self.optimizer, "optimizer", OPTIMIZERS)

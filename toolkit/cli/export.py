@@ -79,7 +79,10 @@ def export_bin(ex, source: Path, out: Path, fmt: str, group_size: int, given_gro
 def export_other(ex, source: Path, out: Path, fmt: str, dtype: str, force: bool) -> None:
     if fmt == "hf":
         result = ex.export_hf(source, out, dtype, force)
-        info(f"{out}: transformers LlamaForCausalLM ({dtype}): {', '.join(result.files)}")
+        import json
+
+        arch = json.loads((out / "config.json").read_text())["architectures"][0]
+        info(f"{out}: transformers {arch} ({dtype}): {', '.join(result.files)}")
         info(f"load it with AutoModelForCausalLM.from_pretrained(\"{out}\"); publish it with: "
              f"huggingface-cli upload USER/NAME {out}")
     else:

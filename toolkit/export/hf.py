@@ -1,4 +1,5 @@
-"""Run folders <-> Hugging Face transformers folders (LlamaForCausalLM).
+"""Run folders <-> Hugging Face transformers folders (LlamaForCausalLM; plain gpt2 runs as GPT2LMHeadModel, in
+the GPT-2 section at the end).
 
 Export writes config.json and generation_config.json (transformers' own classes write them), model.safetensors
 with HF names, the tokenizer (tokenizer.model, tokenizer.json, tokenizer_config.json with the chat template of an
@@ -290,7 +291,7 @@ def write_config(config, tok, dtype: str, folder: Path) -> None:
 
 
 def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False) -> Exported:
-    """Write a llama-family run as a transformers folder (see the module docstring)."""
+    """Write a llama-family run as a transformers folder (see the module docstring); a gpt2 run: export_gpt2."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -303,6 +304,8 @@ def export_hf(run_path: Path, out: Path, dtype: str = "f32", force: bool = False
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     run = load_run(run_path)
+    if run.recipe.model.family == "gpt2":
+        return export_gpt2(run, out, dtype)
     check_exportable(run, "transformers")
     c = run.model.config
     template = chat_template_for(run.recipe.data.chat_template)
@@ -345,17 +348,20 @@ def last_eval(run_path: Path) -> dict:
     return found
 
 
-def model_card(run, target: str, dtype: str) -> str:
+def model_card(run, target: str, dtype: str, architecture: str | None = None, tokenizer: str | None = None,
+               tag: str = "llama") -> str:
+    """The README.md of an export; `architecture`, `tokenizer` and `tag` default to a llama run's."""
     r, c, tok = run.recipe, run.model.config, run.tokenizer
     ev = last_eval(run.path)
     data = run.info.get("data", {}) if isinstance(run.info.get("data"), dict) else {}
     t = r.train
     rows = [
         ("parameters", f"{run.model.num_params():,}"),
-        ("architecture", f"llama: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads ({c.kv_heads} KV heads), "
-                         f"FFN {c.ffn_dim}, context {c.max_seq_len}, RoPE theta {c.rope_theta:g}, RMSNorm eps "
-                         f"{c.norm_eps:g}, {'tied' if c.tie_embeddings else 'separate'} embeddings"),
-        ("tokenizer", f"sentencepiece BPE, {tok.vocab_size} tokens (BOS {tok.bos_id}, EOS {tok.eos_id})"),
+        ("architecture", architecture or (
+            f"llama: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads ({c.kv_heads} KV heads), "
+            f"FFN {c.ffn_dim}, context {c.max_seq_len}, RoPE theta {c.rope_theta:g}, RMSNorm eps "
+            f"{c.norm_eps:g}, {'tied' if c.tie_embeddings else 'separate'} embeddings")),
+        ("tokenizer", tokenizer or f"sentencepiece BPE, {tok.vocab_size} tokens (BOS {tok.bos_id}, EOS {tok.eos_id})"),
         ("data", f"{r.data.source}" + (f", {data['train_tokens']:,} train / {data.get('val_tokens', 0):,} val tokens"
                                        if data.get("train_tokens") else "")),
         ("chat template", r.data.chat_template or "none (a base model: it continues text)"),
@@ -378,7 +384,7 @@ def model_card(run, target: str, dtype: str) -> str:
         use += ("\nChat: `tok.apply_chat_template([{\"role\": \"user\", \"content\": \"...\"}], "
                 "add_generation_prompt=True, return_tensors=\"pt\")` renders the template it was fine-tuned with.\n")
     recipe_toml = (Path(run.path) / "recipe.toml").read_text() if (Path(run.path) / "recipe.toml").is_file() else ""
-    return (f"---\nlibrary_name: {target}\npipeline_tag: text-generation\ntags:\n- lmkit\n- llama\n---\n\n"
+    return (f"---\nlibrary_name: {target}\npipeline_tag: text-generation\ntags:\n- lmkit\n- {tag}\n---\n\n"
             f"# {r.name}\n\n{r.description or 'A small language model trained with lmkit.'}\n\n"
             f"| | |\n|---|---|\n{table}\n\n## Use\n\n{use}\n"
             f"## How it was trained\n\nWith `lmkit train` from this recipe (also in the weights' metadata):\n\n"
@@ -564,6 +570,8 @@ def open_hf(folder: Path, device="cpu") -> Opened:
         cfg = json.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{folder / CONFIG}: not JSON") from None
+    if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":
+        return open_gpt2(folder, cfg, device)
     try:
         values = llama_values(cfg, folder / CONFIG)
     except (KeyError, TypeError, ValueError) as e:
@@ -582,3 +590,350 @@ def import_hf(folder: Path, out: Path, force: bool = False) -> Path:
     return write_imported_run(out, opened.model, opened.tokenizer, opened.recipe, opened.step,
                               {"imported_from": str(folder), "format": "transformers"}, force)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2 (toolkit.models.gpt2 without Resonance) <-> GPT2LMHeadModel
+#
+# The computation is HF GPT-2's: pre-LN blocks with LayerNorm (eps = norm_eps), learned absolute positions from
+# 0, scores scaled by 1/sqrt(head_dim), exact (erf) GELU — transformers' "gelu", not GPT-2's tanh "gelu_new" —,
+# MLP with biases, tied head. lmkit's attention has no biases: c_attn and c_proj get zero biases (adding 0 is
+# exact) and an import refuses non-zero ones. HF's Conv1D stores weights as (in, out): every matrix is transposed.
+# qkv's rows are [q; k; v], heads contiguous in each, which is how HF splits c_attn's output.
+
+GPT2_ACTIVATION = "gelu"  # F.gelu with approximate="none"
+GPT2_LAYER = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln2": "ln_2",
+              "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+GPT2_TOP = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f",
+            "lm_head": "lm_head"}
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+GPT2_ZERO_BIAS = ("attn.c_attn", "attn.c_proj")  # biases HF has and lmkit's gpt2 does not
+EOT = "<|endoftext|>"
+
+
+def gpt2_hf_name(name: str) -> str:
+    """'blocks.3.attn.qkv.weight' -> 'transformer.h.3.attn.c_attn.weight'."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in GPT2_TOP:
+        return f"{GPT2_TOP[stem]}.{suffix}"
+    _, layer, rest = stem.split(".", 2)
+    return f"transformer.h.{layer}.{GPT2_LAYER[rest]}.{suffix}"
+
+
+def gpt2_lmkit_name(name: str) -> str | None:
+    """The inverse of gpt2_hf_name (also for the legacy names without 'transformer.'); None for no place."""
+    stem, _, suffix = name.rpartition(".")
+    if not stem.startswith(("transformer.", "lm_head")):
+        stem = "transformer." + stem
+    for ours, theirs in GPT2_TOP.items():
+        if stem == theirs:
+            return f"{ours}.{suffix}"
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["transformer", "h"]:
+        for ours, theirs in GPT2_LAYER.items():
+            if parts[3] == theirs:
+                return f"blocks.{parts[2]}.{ours}.{suffix}"
+    return None
+
+
+def gpt2_to_hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """lmkit gpt2 weights (the tied head left out) -> GPT2LMHeadModel names, Conv1D matrices transposed, the
+    attention's zero biases added, in `dtype`."""
+    out = {}
+    for name, t in state.items():
+        if name == "lm_head.weight":
+            continue
+        theirs = gpt2_hf_name(name)
+        stem = theirs.rpartition(".")[0]
+        if theirs.endswith(".weight") and stem.endswith(GPT2_CONV1D):
+            t = t.t()
+            if stem.endswith(GPT2_ZERO_BIAS):
+                out[f"{stem}.bias"] = torch.zeros(t.shape[1], dtype=dtype)
+        out[theirs] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def gpt2_from_hf_tensors(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel weights -> lmkit gpt2 names, fp32; refuses non-zero attention biases and untied heads."""
+    out, unknown = {}, []
+    for name, t in tensors.items():
+        stem, _, suffix = name.rpartition(".")
+        if stem.endswith(GPT2_ZERO_BIAS) and suffix == "bias":
+            if t.count_nonzero():
+                raise UserError(f"{where}: {name} is not zero; lmkit's gpt2 attention has no biases")
+            continue
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old transformers' causal-mask buffers
+            continue
+        ours = gpt2_lmkit_name(name)
+        if ours is None:
+            unknown.append(name)
+            continue
+        t = t.to(torch.float32)
+        if suffix == "weight" and stem.endswith(GPT2_CONV1D):
+            t = t.t()
+        out[ours] = t.contiguous()
+    if unknown:
+        raise UserError(f"{where}: tensor {unknown[0]} has no place in a gpt2 model ({len(unknown)} such tensors); "
+                        f"only plain GPT2LMHeadModel weights import")
+    head, emb = out.pop("lm_head.weight", None), out.get("tok_emb.weight")
+    if head is not None and emb is not None and not torch.equal(head, emb):
+        raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight; lmkit's gpt2 ties them")
+    return out
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (openai/gpt-2 encoder.py), the alphabet of vocab.json."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges of a byte-level BPE from tiktoken's ranks, in rank order: each multi-byte token is what BPE
+    with the lower ranks makes of its bytes, which ends in exactly two parts (for gpt2 this gives GPT-2's own
+    vocab.bpe)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise UserError(f"tiktoken token {token!r} is not a merge of two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+_GPT2_FILES: dict = {}
+
+
+def gpt2_vocab_and_merges(enc) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json's and merges.txt's contents for a tiktoken byte-level encoding (cached per encoding)."""
+    if enc.name not in _GPT2_FILES:
+        b2u = bytes_to_unicode()
+
+        def u(b: bytes) -> str:
+            return "".join(b2u[x] for x in b)
+
+        vocab = {u(k): v for k, v in enc._mergeable_ranks.items()}
+        vocab.update(enc._special_tokens)
+        _GPT2_FILES[enc.name] = vocab, [(u(a), u(b)) for a, b in bpe_merges(enc._mergeable_ranks)]
+    return _GPT2_FILES[enc.name]
+
+
+def check_gpt2_tokenizer(tok, where) -> None:
+    if tok.kind == "sentencepiece":
+        return
+    if tok.kind != "tiktoken" or tok.encoding != "gpt2":
+        name = f"tiktoken {tok.encoding}" if tok.kind == "tiktoken" else tok.kind
+        raise UserError(f"{where}: the run's {name} tokenizer has no HF equivalent (the hf export of a gpt2 run "
+                        f"writes tiktoken gpt2 without a vocab cap, or a sentencepiece vocabulary)")
+    if tok.vocab_cap:
+        raise UserError(f"{where}: the run's tiktoken gpt2 vocabulary is folded to {tok.vocab_cap} ids (vocab_cap); "
+                        f"the tokenizer has no HF equivalent")
+
+
+def gpt2_hf_tokenizer(tok, max_len: int, chat_template: str | None = None):
+    """A transformers fast tokenizer equal to tiktoken gpt2 (`tok`), adding <|endoftext|> in front as lmkit's
+    prompts do (GPT-2 runs train on documents that each start with it)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = gpt2_vocab_and_merges(tok.enc)
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split pattern
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B",
+                                      special_tokens=[(EOT, tok.bos_id)])])
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_len,
+                                   clean_up_tokenization_spaces=False, **special)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast, special, vocab, merges
+
+
+def write_gpt2_tokenizer(tok, folder: Path, max_len: int, chat_template: str | None) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json, and GPT-2's vocab.json and merges.txt."""
+    fast, special, vocab, merges = gpt2_hf_tokenizer(tok, max_len, chat_template)
+    fast.save_pretrained(str(folder))
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,
+               add_prefix_space=False)
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+
+
+def check_gpt2_exportable(run) -> None:
+    c = run.model.config
+    if c.uses_phases or c.uses_bias:
+        raise UserError(f"{run.path}: a Resonance gpt2 (phases and attention bias) has no transformers model "
+                        f"class; only llama-family and plain gpt2 runs export to transformers")
+
+
+def gpt2_config(c, tok, vocab_size: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=c.max_seq_len, n_embd=c.dim, n_layer=c.n_layers, n_head=c.n_heads,
+        n_inner=c.ffn_dim, activation_function=GPT2_ACTIVATION, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout, layer_norm_epsilon=c.norm_eps, scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, tie_word_embeddings=True,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=None, architectures=["GPT2LMHeadModel"],
+    )
+
+
+def export_gpt2(run, out: Path, dtype: str) -> Exported:
+    """A gpt2-family run (no Resonance phases or bias) as a GPT2LMHeadModel folder (see the section comment)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from toolkit.fsio import build_atomically
+    from toolkit.run import weights_dict
+
+    check_gpt2_exportable(run)
+    check_gpt2_tokenizer(run.tokenizer, run.path)
+    c, tok = run.model.config, run.tokenizer
+    template = chat_template_for(run.recipe.data.chat_template)
+    vocab_size = run.model.tok_emb.weight.shape[0]
+
+    def build(tmp: Path) -> list[str]:
+        tensors = gpt2_to_hf_tensors(weights_dict(run.model), DTYPES[dtype])
+        meta = {"format": "pt", RECIPE_KEY: json.dumps(run.recipe.to_dict()), "lmkit_step": str(run.step)}
+        save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
+        gpt2_config(c, tok, vocab_size).save_pretrained(str(tmp))
+        path = tmp / CONFIG
+        cfg = json.loads(path.read_text())
+        cfg["n_ctx"] = c.max_seq_len  # what older readers call n_positions
+        cfg["dtype"] = cfg["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         max_length=c.max_seq_len).save_pretrained(str(tmp))
+        if tok.kind == "sentencepiece":
+            write_tokenizer(tok, tmp, c.max_seq_len, template)
+            tok_row = f"sentencepiece BPE, {tok.vocab_size} tokens (BOS {tok.bos_id}, EOS {tok.eos_id})"
+        else:
+            write_gpt2_tokenizer(tok, tmp, c.max_seq_len, template)
+            tok_row = f"tiktoken gpt2 (GPT-2's byte-level BPE), {tok.vocab_size} tokens (<|endoftext|> {tok.eos_id})"
+        arch = (f"gpt2: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, MLP {c.ffn_dim} (exact GELU), "
+                f"context {c.max_seq_len}, LayerNorm eps {c.norm_eps:g}, learned positions, tied embeddings")
+        (tmp / "README.md").write_text(model_card(run, "transformers", dtype, arch, tok_row, "gpt2"))
+        return sorted(p.name for p in tmp.iterdir())
+
+    files = build_atomically(out, build)
+    return Exported(out, files, [])
+
+
+def gpt2_values(cfg: dict, where: Path) -> dict:
+    """toolkit.models.gpt2 Config values of a GPT2LMHeadModel config.json (refusing what computes differently)."""
+    act = cfg.get("activation_function", "gelu_new")
+    if act != GPT2_ACTIVATION:
+        raise UserError(f"{where}: activation_function {act!r}; lmkit's gpt2 uses exact GELU ('gelu')")
+    if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise UserError(f"{where}: attention scores not scaled by 1/sqrt(head_dim) alone; lmkit's gpt2 scales so")
+    if cfg.get("add_cross_attention"):
+        raise UserError(f"{where}: cross-attention; lmkit's gpt2 is decoder-only")
+    if not cfg.get("tie_word_embeddings", True):
+        raise UserError(f"{where}: tie_word_embeddings false; lmkit's gpt2 ties its head to the embeddings")
+    dim = int(cfg.get("n_embd", cfg.get("hidden_size", 768)))
+    return dict(dim=dim, n_layers=int(cfg.get("n_layer", 12)), n_heads=int(cfg.get("n_head", 12)),
+                vocab_size=int(cfg["vocab_size"]), hidden_dim=int(cfg.get("n_inner") or 4 * dim),
+                max_seq_len=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))),
+                norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)))
+
+
+def read_gpt2_tokenizer(folder: Path):
+    """tiktoken gpt2 when vocab.json and merges.txt are GPT-2's; a sentencepiece tokenizer.model otherwise."""
+    from toolkit.tokenizers.tiktoken import TiktokenTokenizer
+
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tok = TiktokenTokenizer("gpt2")
+        vocab, merges = gpt2_vocab_and_merges(tok.enc)
+        try:
+            theirs = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{folder}: vocab.json or merges.txt is unreadable") from None
+        pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        if theirs == vocab and pairs == merges:
+            return tok
+        raise UserError(f"{folder}: vocab.json/merges.txt are not GPT-2's; lmkit imports GPT-2's own vocabulary")
+    if (folder / "tokenizer.model").is_file():
+        return read_hf_tokenizer(folder)
+    raise UserError(f"{folder}: no vocab.json/merges.txt (GPT-2's) or tokenizer.model; lmkit cannot rebuild its "
+                    f"tokenizer")
+
+
+def gpt2_recipe(embedded: str | None, values: dict, source: Path, tok):
+    """The recipe of an imported gpt2 folder: the embedded lmkit recipe (if a gpt2 one) with the file's shape."""
+    from toolkit import recipe as recipe_lib
+    from toolkit.models.gpt2 import Config
+
+    recipe = None
+    if embedded:
+        try:
+            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
+        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
+            info(f"ignoring the lmkit recipe in {source} ({e})")
+    if recipe is None or recipe.model.family != "gpt2":
+        recipe = recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from "
+                                       f"transformers {source.name}", "model": {"family": "gpt2"}}, str(source))
+    base, values = recipe.model, dict(values)
+    if base.ffn_dim == values["hidden_dim"]:
+        values["hidden_dim"] = base.hidden_dim
+    if base.vocab_size == 0 and values["vocab_size"] == tok.vocab_size:
+        values["vocab_size"] = 0
+    try:
+        model = replace(base, **values) if isinstance(base, Config) else Config(**values)
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{source}: its hyperparameters do not make a gpt2 model ({e})") from None
+    if model.uses_phases or model.uses_bias:
+        model = replace(model, resonance=False)
+    kind = {"kind": tok.kind, "path": "tokenizer", "vocab_size": tok.vocab_size}
+    if tok.kind == "tiktoken":
+        kind.update(encoding=tok.encoding, vocab_cap=0, cap_policy="none")
+    return recipe.replace(model=model, tokenizer=replace(recipe.tokenizer, **kind))
+
+
+def open_gpt2(folder: Path, cfg: dict, device="cpu") -> Opened:
+    """A transformers GPT2LMHeadModel folder as an lmkit gpt2 model, tokenizer and recipe, in memory."""
+    from toolkit import models
+
+    where = folder / CONFIG
+    try:
+        values = gpt2_values(cfg, where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: missing or bad {e}") from None
+    tok = read_gpt2_tokenizer(folder)
+    tensors, meta = read_hf_tensors(folder)
+    recipe = gpt2_recipe(meta.get(RECIPE_KEY), values, folder, tok)
+    state = gpt2_from_hf_tensors(tensors, folder)
+    if "tok_emb.weight" in state:
+        state["lm_head.weight"] = state["tok_emb.weight"]  # tied
+    model = models.build(recipe.model, values["vocab_size"])
+    load_checked(model, state, True, folder, gpt2_hf_name, "config.json")
+    return Opened(model.to(device).eval(), tok, recipe, int(meta.get("lmkit_step", 0) or 0))

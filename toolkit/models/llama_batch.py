@@ -39,41 +39,46 @@ class LlamaBatch:
             return t.detach().numpy()
 
         self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), w(model.output.weight)
-        # per layer: norms and the matrices transposed once (x @ W.T as a (B, in) x (in, out) product)
+        # W @ X with X (in, B): a row-major weight times a block of columns, faster in OpenBLAS than X.T @ W.T
         self.layers = []
         for b in model.layers:
             a, f = b.attention, b.feed_forward
-            self.layers.append((w(b.attention_norm.weight), w(a.wq.weight).T, w(a.wk.weight).T, w(a.wv.weight).T,
-                                w(a.wo.weight).T, w(b.ffn_norm.weight), w(f.w1.weight).T, w(f.w2.weight).T,
-                                w(f.w3.weight).T))
-        self.wcls_t = self.wcls.T
+            self.layers.append((w(b.attention_norm.weight)[:, None], w(a.wq.weight), w(a.wk.weight), w(a.wv.weight),
+                                w(a.wo.weight), w(b.ffn_norm.weight)[:, None], w(f.w1.weight), w(f.w2.weight),
+                                w(f.w3.weight)))
+        self.norm = self.norm[:, None]
         self.rope = (model.rope_cos.numpy() + 1j * model.rope_sin.numpy()).astype(np.complex64)
 
     def new_decoder(self) -> LlamaCPUDecoder:
         return LlamaCPUDecoder(self.model)
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """Row-wise RMSNorm of (B, dim), each row as LlamaCPUDecoder._rms does it."""
-        inv = np.array([1.0 / math.sqrt(float(np.dot(r, r)) / r.size + self.eps) for r in x], dtype=np.float32)
-        return x * weight * inv[:, None]
+        """RMSNorm of each column of x (dim, B), as LlamaCPUDecoder._rms does it for one vector."""
+        inv = np.array([1.0 / math.sqrt(float(np.dot(col, col)) / col.size + self.eps) for col in x.T],
+                       dtype=np.float32)
+        return x * weight * inv[None, :]
 
-    def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int]
-             ) -> np.ndarray:
+    def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int],
+             rows: Sequence[int] | None = None) -> np.ndarray:
         """Feed tokens[i] at positions[i] to decoders[i] (its cache holds positions 0..positions[i] - 1); write
-        their keys and values into each one's cache; return the (B, vocab) next-token logits."""
+        their keys and values into each one's cache; return the next-token logits of `rows` (default: all), one
+        row each: (len(rows), vocab). A prompt token fed this way needs no logits, and the classifier is the
+        largest product of the step."""
         c, rep, hd, B = self.c, self.rep, self.c.head_dim, len(decoders)
         pos = np.asarray(positions)
         if (pos >= c.max_seq_len).any() or (pos < 0).any():
             raise ValueError(f"positions must be in [0, {c.max_seq_len})")
         rope = self.rope[pos][:, None, :]  # (B, 1, hd/2)
-        x = self.emb[np.asarray(tokens)].copy()  # (B, dim)
+        x = np.ascontiguousarray(self.emb[np.asarray(tokens)].T)  # (dim, B): one column per sequence
+        y = np.empty((B, c.n_heads * hd), dtype=np.float32)
         for li, (an, wq, wk, wv, wo, fn, w1, w2, w3) in enumerate(self.layers):
             xb = self._rms(x, an)
-            q = ((xb @ wq).view(np.complex64).reshape(B, c.n_heads, -1) * rope).view(np.float32)
-            k = ((xb @ wk).view(np.complex64).reshape(B, c.kv_heads, -1) * rope).view(np.float32)
-            v = (xb @ wv).reshape(B, c.kv_heads, hd)
-            y = np.empty((B, c.n_heads * hd), dtype=np.float32)
-            for i, dec in enumerate(decoders):
+            q = np.ascontiguousarray((wq @ xb).T)
+            k = np.ascontiguousarray((wk @ xb).T)
+            q = (q.view(np.complex64).reshape(B, c.n_heads, -1) * rope).view(np.float32)
+            k = (k.view(np.complex64).reshape(B, c.kv_heads, -1) * rope).view(np.float32)
+            v = (wv @ xb).T.reshape(B, c.kv_heads, hd)
+            for i, dec in enumerate(decoders):  # attention: each sequence over its own cache
                 kc, vc, p = dec.layers[li][9], dec.layers[li][10], int(pos[i])
                 kc[:, p] = k[i]
                 vc[:, p] = v[i]
@@ -82,8 +87,10 @@ class LlamaBatch:
                 att = np.exp((att - att.max(axis=-1, keepdims=True)) * self.scale)
                 att /= att.sum(axis=-1, keepdims=True)
                 y[i] = np.matmul(att, vc[:, : p + 1]).reshape(-1)
-            x += y @ wo
+            x += wo @ y.T
             xb = self._rms(x, fn)
-            h = xb @ w1
-            x += (h / (np.float32(1.0) + np.exp(-h)) * (xb @ w3)) @ w2
-        return self._rms(x, self.norm) @ self.wcls_t
+            h = w1 @ xb
+            x += w2 @ (h / (np.float32(1.0) + np.exp(-h)) * (w3 @ xb))
+        if rows is not None:
+            x = x[:, list(rows)]
+        return np.ascontiguousarray((self.wcls @ self._rms(x, self.norm)).T)

@@ -63,10 +63,15 @@ class _Slot:
 
     sliding = False
 
-    def __init__(self, dec):
+    PREFILL_MAX = 64  # prompts up to this long are fed through the batched step, a token per round
+
+    def __init__(self, dec, prompt: list[int]):
         self.dec, self.max_len = dec, dec.max_len
         self.last: int | None = None  # the token just yielded: the batched step feeds it next round
         self.pending: tuple[int, torch.Tensor] | None = None
+        # the prompt, while its tokens go through the batched step (the job's stream starts once they are all in);
+        # a long one runs on the job's own decoder in one forward instead
+        self.prompt = list(prompt) if 1 < len(prompt) <= min(self.PREFILL_MAX, self.max_len - 1) else None
 
     def logits(self, ids):
         pending, self.pending = self.pending, None
@@ -81,7 +86,7 @@ class _Running:
     def __init__(self, job: Job, model, tok, stop_ids, batch: LlamaBatch | None):
         self.job = job
         self.stats = G.Stats()
-        self.slot = _Slot(batch.new_decoder()) if batch is not None else None
+        self.slot = _Slot(batch.new_decoder(), job.prompt_ids) if batch is not None else None
         self.gen = G.stream(self.slot or G.decoder_for(model), job.prompt_ids, job.max_tokens, job.sampling,
                             stop_ids, self.stats)
         self.text = G.TextStream(tok, job.prompt_ids)
@@ -133,6 +138,8 @@ class Scheduler:
             if self.batch is not None:
                 self._batch_step()
             for run in list(self.active):
+                if run.slot is not None and run.slot.prompt is not None and not run.job.cancelled.is_set():
+                    continue  # its prompt is still going through the batched step
                 if not self._advance(run):
                     self.active.remove(run)
                     run.gen.close()  # frees the decoder and its cache with the run
@@ -175,30 +182,41 @@ class Scheduler:
         return True
 
     def _batch_step(self) -> None:
-        """One forward for every job that has yielded a token and will ask for the next one; each gets its row."""
-        rows = []
+        """One forward for every job that will ask for its next logits (it has yielded a token) or is still feeding
+        its prompt; each gets its row."""
+        rows, tokens, want = [], [], []
         for run in self.active:
             slot = run.slot
-            if slot is None or slot.last is None:
+            if slot is None or run.job.cancelled.is_set():
                 continue
-            # generate.stream asks for logits next unless the job is at max_tokens or the end of the context
-            if (not run.job.cancelled.is_set() and run.stats.new_tokens < run.job.max_tokens
-                    and len(slot.dec.done) + 1 < slot.max_len):
+            if slot.prompt is not None:  # the prompt, a token a round; logits after its last one
+                n = len(slot.dec.done)
                 rows.append(slot)
-            else:
+                tokens.append(slot.prompt[n])
+                want.append(n + 1 == len(slot.prompt))
+            elif slot.last is not None:
+                # generate.stream asks for logits next unless the job is at max_tokens or the end of the context
+                if run.stats.new_tokens < run.job.max_tokens and len(slot.dec.done) + 1 < slot.max_len:
+                    rows.append(slot)
+                    tokens.append(slot.last)
+                    want.append(True)
                 slot.last = None
         if not rows:
             return
+        picked = [i for i, w in enumerate(want) if w]
         try:
-            logits = self.batch.step([r.dec for r in rows], [r.last for r in rows], [len(r.dec.done) for r in rows])
-        except Exception as e:  # noqa: BLE001 - each job then runs its own decoder, which redoes the position
+            logits = self.batch.step([r.dec for r in rows], tokens, [len(r.dec.done) for r in rows], picked)
+        except Exception as e:  # noqa: BLE001 - each job then runs its own decoder, which redoes the positions
             traceback.print_exception(e, file=sys.stderr)
             for r in rows:
-                r.last = None
+                r.prompt = None
             return
-        for i, r in enumerate(rows):
-            r.dec.done.append(r.last)
-            r.pending, r.last = (len(r.dec.done), torch.from_numpy(logits[i])), None
+        row_of = {i: j for j, i in enumerate(picked)}
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            r.dec.done.append(token)
+            if i in row_of:
+                r.prompt = None
+                r.pending = (len(r.dec.done), torch.from_numpy(logits[row_of[i]]))
 
     @staticmethod
     def _lead(run: _Running, piece: str) -> str:

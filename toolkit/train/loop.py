@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from toolkit import models, tokenizers
 from toolkit import recipe as recipe_lib
@@ -32,6 +33,7 @@ from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_dtyp
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
 from toolkit.shards.format import ShardSet
+from toolkit.train import distributed
 from toolkit.train.distributed import Dist, any_across, barrier, init_distributed, mean_across
 from toolkit.train.metrics import SAMPLES, append_samples, eval_samples, truncate_after
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
@@ -208,6 +210,12 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
     model = models.build(recipe.model, tok.vocab_size, token_strings=strings).to(device)
     if init_from is not None:
         run_lib.load_weights(model, init_from / run_lib.WEIGHTS)
+    fsdp = d.enabled and tc.parallel == "fsdp"
+    if fsdp:  # sharded in place; the optimizer is built on the shards
+        if dtype == torch.float16:
+            raise UserError("train.parallel = fsdp trains in float32 or bfloat16 (float16's loss scaler would see "
+                            "only each process's shard of the gradients); set train.dtype = bfloat16")
+        model = distributed.shard_model(model, dtype, compile_blocks=tc.compile)
     optimizers = build_optimizers(model, tc, device.type)
     sampler = make_sampler(recipe, shards, "train", seq_len, tc.batch_size, tc.seed, model.objective)
     if tc.grad_accum % d.world:
@@ -225,9 +233,11 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
         load_checkpoint(s)
     else:
         torch.manual_seed(tc.seed + d.rank)  # dropout noise differs per rank
-    if tc.compile:
+    if fsdp:  # each block was compiled before it was sharded
+        s.model = distributed.ShardedStep(s.model)
+    if tc.compile and not fsdp:
         s.model = torch.compile(s.model)
-    if d.enabled:
+    if d.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         s.model = DDP(s.model, device_ids=[d.local_rank] if device.type == "cuda" else None)
@@ -237,6 +247,10 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
             from toolkit.plot import TensorBoard
 
             s.board = TensorBoard(run_dir / "tensorboard")
+    if fsdp and recipe.eval.prompts:  # rank 0 alone samples, and a sharded model's forward needs every rank
+        if d.master:
+            info("train.parallel = fsdp: no samples at evals (eval.prompts); sample the run folder with lmkit chat")
+        s.recipe = s.recipe.replace(eval=replace(s.recipe.eval, prompts=()))
     return s
 
 
@@ -279,13 +293,18 @@ def _fields(cfg):
 
 def load_checkpoint(s: Session) -> None:
     state = run_lib.load_state(s.run_dir / run_lib.STATE)
-    weights_step = run_lib.load_weights(s.raw_model, s.run_dir / run_lib.WEIGHTS)
+    sharded = distributed.is_sharded(s.raw_model)
+    weights_step = (full_weights_step(s.raw_model, s.run_dir / run_lib.WEIGHTS) if sharded
+                    else run_lib.load_weights(s.raw_model, s.run_dir / run_lib.WEIGHTS))
     if weights_step != state["step"]:
         raise UserError(f"{s.run_dir}: model.safetensors is from step {weights_step} but state.pt from step "
                         f"{state['step']} (a checkpoint write was interrupted); restore one of them")
     if len(state["optimizers"]) != len(s.optimizers):
         raise UserError(f"{s.run_dir}: the optimizer setup changed since the checkpoint; cannot resume")
-    for opt, saved in zip(s.optimizers, state["optimizers"]):
+    if sharded:  # rank 0 reads the full tensors, every rank keeps its shard
+        weights = load_file(s.run_dir / run_lib.WEIGHTS) if s.d.master else None
+        distributed.load_full_state(s.raw_model, s.optimizers, weights, state["optimizers"] if s.d.master else None)
+    for opt, saved in zip(s.optimizers, [] if sharded else state["optimizers"]):
         opt.load_state_dict(saved)
     s.sampler.set_state(state["sampler"])
     s.step, s.best_val = state["step"], state["best_val"]
@@ -507,16 +526,55 @@ def save(s: Session) -> None:
     """The new weights beside the old ones (model.next.safetensors), then the training state, then the new weights
     in place: each written atomically, and state.pt's rename commits the checkpoint. A kill between two steps
     leaves a pair whose steps agree once resume has run `finish_checkpoint`."""
+    weights = optimizer_states = None
+    if distributed.is_sharded(s.raw_model):  # FSDP: every rank takes part in gathering the full tensors to rank 0
+        weights, optimizer_states = distributed.gather_full_state(s.raw_model, s.optimizers)
     if not s.d.master:
         return
-    run_lib.save_weights(s.raw_model, s.run_dir / NEXT_WEIGHTS, s.step)
+    run_lib.save_weights(s.raw_model if weights is None else FullWeights(weights), s.run_dir / NEXT_WEIGHTS, s.step)
     run_lib.save_state({
-        "step": s.step, "optimizers": [o.state_dict() for o in s.optimizers], "sampler": s.sampler.state(),
+        "step": s.step, "sampler": s.sampler.state(),
+        "optimizers": [o.state_dict() for o in s.optimizers] if optimizer_states is None else optimizer_states,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
         "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed, "wall_s": s.wall_s,
     }, s.run_dir / run_lib.STATE)
     os.replace(s.run_dir / NEXT_WEIGHTS, s.run_dir / run_lib.WEIGHTS)
+
+
+class FullWeights:
+    """Gathered full tensors (FSDP) where run_lib.save_weights takes a model: written as a single process's."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict:
+        return self.tensors
+
+
+def full_weights_step(model, path: Path) -> int:
+    """For a sharded model: the checks run_lib.load_weights makes, on model.safetensors' header alone (every rank
+    checks, so all refuse together before rank 0 reads the tensors); returns the step recorded with them."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a file cut short or not safetensors
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}  # a DTensor's shape is the full one
+    aliases = distributed.tied_aliases(model)
+    missing = [k for k in expected if k not in shapes and aliases.get(k) not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the recipe's model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in shapes.items():
+        if expected[k] != shape:
+            raise UserError(f"{path}: {k} has shape {shape}, the recipe's model needs {expected[k]}")
+    step = meta.get("step", "0")
+    if not (isinstance(step, str) and step.isdecimal()):
+        raise UserError(f"{path}: its metadata's step should be a whole number, got {step!r}")
+    return int(step)
 
 
 def finish_checkpoint(run_dir: Path) -> None:

@@ -17,7 +17,11 @@ Faithful by default (the seed as its code runs, seeds.md 1.2):
   only through the break term (`backprop_through_relaxation = true` keeps the whole graph);
 - the energy is a mean over the batch rows and the W positions, so the step per position is
   dt / (B * W) and depends on the batch (`per_sample_energy = true`: dt / W);
-- the "repulsion" term is subtracted, which attracts (`repulsion_sign = 1` makes it repel).
+- the "repulsion" term is subtracted, which attracts (`repulsion_sign = 1` makes it repel), and compares the mean
+  last-position state of the batch (`repulsion_pool = "window"`: the whole window, lmkit's earlier reading);
+- the token aux CE's extra noise fires below the seed's entropy floor, about 2.2 nats (`entropy_floor = "lmkit"`:
+  1 + T, about 1.25), and its -1 repeat penalties count a repeated token once (`stack_repeat_penalties = true`:
+  once per occurrence). tests/test_attractor_seed.py checks every term and the gradient against the seed's formulas.
 
 Modules: `model` (Config, Model, readouts, the loss terms and the eval metric) and `relax` (the relaxation:
 the fast path with its hand-written backward, and the seed-style loop of `vectorized = false`).
