@@ -105,7 +105,7 @@ def test_fsdp_resume_equals_an_uninterrupted_sharded_run(runs, tmp_path):
     assert losses(split) == pytest.approx(losses(runs / "fsdp"), rel=1e-6)
     loaded = run_lib.load_run(split)
     assert loaded.step == 6
-    x = torch.randint(0, loaded.tok.vocab_size, (1, 8))
+    x = torch.randint(0, loaded.tokenizer.vocab_size, (1, 8))
     assert torch.isfinite(loaded.model(x)[0]).all()
     # the sharded checkpoint is a single process's: one process resumes it too
     other = tmp_path / "split_single"

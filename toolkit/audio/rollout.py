@@ -196,12 +196,77 @@ def output_paths(out: Path, stem: str, n: int) -> list[Path]:
     return paths + [out / f"{stem}_rollout.npz", out / "rollout.json"]
 
 
+def prompts_and_codec(tok, s: RolloutSettings, rng: np.random.Generator, codec_for, audio_path: Path | None = None,
+                      from_codes: Path | None = None, codec_name: str = "", name: str = ""):
+    """The prompt windows (from an audio file, encoded and scored in memory, or from scored code files) and the
+    codec that decodes them; `codec_for(name)` loads (or reuses) a codec. Returns (prompts, where, codec)."""
+    from toolkit.audio import DEFAULT_CODEC
+    from toolkit.audio.io import read_audio
+
+    if audio_path is not None:
+        codec = codec_for(codec_name or DEFAULT_CODEC)
+        check_codec(codec, tok)
+        audio = read_audio(audio_path, codec.sample_rate)
+        console.info(f"prompts: encoding and scoring {name or audio_path} ({len(audio) / codec.sample_rate:.1f} s)")
+        prompts, where = prompts_from_audio(audio, codec, tok, s, rng, name or str(audio_path))
+        return prompts, where, codec
+    prompts, where, named_codec, frame_rate = prompts_from_codes(Path(from_codes), tok, s, rng)
+    codec = codec_for(codec_name or named_codec)
+    check_codec(codec, tok)
+    if abs(codec.frame_rate - frame_rate) > 1e-6:
+        raise UserError(f"{name or from_codes}: codes at {frame_rate:g} Hz, but {codec.name} makes "
+                        f"{codec.frame_rate:g} Hz")
+    return prompts, where, codec
+
+
+def write_rollout(out: Path, stem: str, tok, codec, prompts: np.ndarray, tapes: list, log: list,
+                  s: RolloutSettings) -> np.ndarray:
+    """The prompt and rollout wavs of each sample and the tapes .npz; returns each tape's length in frames."""
+    from toolkit.audio.codec import decode
+    from toolkit.audio.io import write_audio
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    codes = [tok.decode_codes(np.asarray(t, dtype=np.int64)) for t in tapes]
+    prompt_codes = [tok.decode_codes(p) for p in prompts]
+    for i in range(s.samples):
+        write_audio(out / f"{stem}_{i}_prompt.wav", decode(codec, prompt_codes[i], n_codebooks=1), codec.sample_rate)
+        write_audio(out / f"{stem}_{i}_rollout.wav", decode(codec, codes[i], n_codebooks=1), codec.sample_rate)
+    frames = np.array([c.shape[1] for c in codes], dtype=np.int64)
+    padded = np.full((s.samples, 1, frames.max()), -1, dtype=np.int16)
+    for i, c in enumerate(codes):
+        padded[i, :, : c.shape[1]] = c
+
+    def write_tapes(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # numpy arrays only (no pickles); tapes[i, :, :tape_frames[i]] is sample i
+            np.savez_compressed(f, tapes=padded, tape_frames=frames, prompts=np.stack(prompt_codes),
+                                modes=np.array([e["mode"] for e in log]),
+                                new_tokens=np.array([e["new_tokens"] for e in log],
+                                                    dtype=np.int64).reshape(-1, s.samples),
+                                sample_rate=np.int64(codec.sample_rate), frame_rate=np.float64(codec.frame_rate),
+                                codec=np.str_(codec.name))
+
+    atomic_write(out / f"{stem}_rollout.npz", write_tapes)
+    return frames
+
+
+def rollout_report(run, source: str, mode: str, codec, s: RolloutSettings, where, log, frames: np.ndarray,
+                   gen_seconds: float, t0: float) -> dict:
+    """What rollout.json says: the model, the prompts' places, each iteration, the speed."""
+    generated = float((frames - s.prompt_length).sum() / codec.frame_rate)
+    return {
+        "model": str(run.path), "step": run.step, "source": source, "mode": mode, "codec": codec.name,
+        "device": str(next(run.model.parameters()).device), "settings": asdict(s), "prompts": where,
+        "iterations": log, "tape_frames": frames.tolist(), "seconds_generated": round(generated, 3),
+        "generate_seconds": round(gen_seconds, 3), "wall_seconds": round(time.perf_counter() - t0, 3),
+        "seconds_per_audio_second": round(gen_seconds / generated, 3) if generated > 0 else None,
+    }
+
+
 def rollout(run_dir: Path, out: Path, s: RolloutSettings, audio_path: Path | None = None,
             from_codes: Path | None = None, codec_name: str = "", device: str = "auto", force: bool = False) -> dict:
     """Load the run and the codec, pick prompts, roll out, write the wavs, the tapes and rollout.json."""
-    from toolkit.audio import DEFAULT_CODEC
-    from toolkit.audio.codec import decode, load_codec, resolve_device
-    from toolkit.audio.io import read_audio, write_audio
+    from toolkit.audio.codec import load_codec, resolve_device
     from toolkit.generate import make_generator
     from toolkit.run import load_run
 
@@ -219,56 +284,17 @@ def rollout(run_dir: Path, out: Path, s: RolloutSettings, audio_path: Path | Non
     limits(run.model.config, s)  # fail before encoding anything
     tok = run.tokenizer
     rng = np.random.Generator(np.random.PCG64(s.seed))
-    if audio_path is not None:
-        codec = load_codec(codec_name or DEFAULT_CODEC, str(dev))
-        check_codec(codec, tok)
-        audio = read_audio(audio_path, codec.sample_rate)
-        console.info(f"prompts: encoding and scoring {audio_path} ({len(audio) / codec.sample_rate:.1f} s)")
-        prompts, where = prompts_from_audio(audio, codec, tok, s, rng, str(audio_path))
-    else:
-        prompts, where, named_codec, frame_rate = prompts_from_codes(Path(from_codes), tok, s, rng)
-        codec = load_codec(codec_name or named_codec, str(dev))
-        check_codec(codec, tok)
-        if abs(codec.frame_rate - frame_rate) > 1e-6:
-            raise UserError(f"{from_codes}: codes at {frame_rate:g} Hz, but {codec.name} makes {codec.frame_rate:g} Hz")
-
+    prompts, where, codec = prompts_and_codec(tok, s, rng, lambda name: load_codec(name, str(dev)), audio_path,
+                                              from_codes, codec_name)
     t_gen = time.perf_counter()
     with console.progress() as bar:
         task = bar.add_task(f"rollout {s.samples} x {s.iterations}", total=s.samples * s.iterations)
         tapes, log = extend_tapes(run.model, prompts, s, rng, make_generator(s.seed), tok.pad_id,
                                   on_step=lambda: bar.advance(task))
     gen_seconds = time.perf_counter() - t_gen
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    codes = [tok.decode_codes(np.asarray(t, dtype=np.int64)) for t in tapes]
-    prompt_codes = [tok.decode_codes(p) for p in prompts]
-    for i in range(s.samples):
-        write_audio(out / f"{stem}_{i}_prompt.wav", decode(codec, prompt_codes[i], n_codebooks=1), codec.sample_rate)
-        write_audio(out / f"{stem}_{i}_rollout.wav", decode(codec, codes[i], n_codebooks=1), codec.sample_rate)
-    frames = np.array([c.shape[1] for c in codes], dtype=np.int64)
-    padded = np.full((s.samples, 1, frames.max()), -1, dtype=np.int16)
-    for i, c in enumerate(codes):
-        padded[i, :, : c.shape[1]] = c
-    def write_tapes(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # numpy arrays only (no pickles); tapes[i, :, :tape_frames[i]] is sample i
-            np.savez_compressed(f, tapes=padded, tape_frames=frames, prompts=np.stack(prompt_codes),
-                                modes=np.array([e["mode"] for e in log]),
-                                new_tokens=np.array([e["new_tokens"] for e in log],
-                                                    dtype=np.int64).reshape(-1, s.samples),
-                                sample_rate=np.int64(codec.sample_rate), frame_rate=np.float64(codec.frame_rate),
-                                codec=np.str_(codec.name))
-
-    atomic_write(out / f"{stem}_rollout.npz", write_tapes)
-
-    generated = float((frames - s.prompt_length).sum() / codec.frame_rate)
-    report = {
-        "model": str(run_dir), "step": run.step, "source": str(audio_path or from_codes),
-        "mode": "audio" if audio_path is not None else "codes", "codec": codec.name, "device": str(dev),
-        "settings": asdict(s), "prompts": where, "iterations": log,
-        "tape_frames": frames.tolist(), "seconds_generated": round(generated, 3),
-        "generate_seconds": round(gen_seconds, 3), "wall_seconds": round(time.perf_counter() - t0, 3),
-        "seconds_per_audio_second": round(gen_seconds / generated, 3) if generated > 0 else None,
-    }
-    atomic_write_json(out / "rollout.json", report)
+    frames = write_rollout(Path(out), stem, tok, codec, prompts, tapes, log, s)
+    report = rollout_report(run, str(audio_path or from_codes), "audio" if audio_path is not None else "codes", codec,
+                            s, where, log, frames, gen_seconds, t0)
+    report["model"] = str(run_dir)
+    atomic_write_json(Path(out) / "rollout.json", report)
     return report

@@ -848,7 +848,7 @@ def export_gpt2(run, out: Path, dtype: str) -> Exported:
 
 
 def gpt2_values(cfg: dict, where: Path) -> dict:
-    """toolkit.models.gpt2 Config values of a GPT2LMHeadModel config.json (refusing what computes differently)."""
+    """The gpt2 family's Config values of a GPT2LMHeadModel config.json (refusing what computes differently)."""
     act = cfg.get("activation_function", "gelu_new")
     if act != GPT2_ACTIVATION:
         raise UserError(f"{where}: activation_function {act!r}; lmkit's gpt2 uses exact GELU ('gelu')")

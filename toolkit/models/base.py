@@ -49,6 +49,12 @@ class LanguageModel(nn.Module):
         generation loop picks one from `new_cache`."""
         return None
 
+    def make_batch_decoder(self):
+        """A decoder that steps many sequences in one forward (the server's batched decoding: an object with
+        `step(decoders, tokens, positions, ...)`, see toolkit/models/llama_batch.py), or None: requests are
+        interleaved one forward each."""
+        return None
+
     def sampling_defaults(self) -> dict:
         """Sampling settings the family's seed used (chat and serve apply them unless the user sets them)."""
         return {}

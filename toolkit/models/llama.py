@@ -186,6 +186,13 @@ class Model(LanguageModel):
         p = self.tok_embeddings.weight
         return LlamaCPUDecoder(self) if p.device.type == "cpu" and p.dtype == torch.float32 else None
 
+    def make_batch_decoder(self):
+        """On CPU in fp32, the numpy step over many sequences at once (toolkit.models.llama_batch)."""
+        from toolkit.models.llama_batch import LlamaBatch
+
+        p = self.tok_embeddings.weight
+        return LlamaBatch(self) if p.device.type == "cpu" and p.dtype == torch.float32 else None
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""
         c = self.config

@@ -14,19 +14,8 @@ import math
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from toolkit.models.llama_cpu import LlamaCPUDecoder
-
-
-def batchable(model) -> bool:
-    """Whether `model` decodes through LlamaCPUDecoder (llama on CPU in fp32), so LlamaBatch can step it."""
-    from toolkit.models.llama import Model
-
-    if not isinstance(model, Model):
-        return False
-    p = model.tok_embeddings.weight
-    return p.device.type == "cpu" and p.dtype == torch.float32
 
 
 class LlamaBatch:

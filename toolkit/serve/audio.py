@@ -28,7 +28,7 @@ import numpy as np
 
 from toolkit.audio import rollout as R
 from toolkit.errors import UserError
-from toolkit.fsio import atomic_write, atomic_write_bytes, atomic_write_json
+from toolkit.fsio import atomic_write_bytes, atomic_write_json
 from toolkit.serve.errors import ApiError
 
 STATES = ("queued", "running", "done", "failed")
@@ -237,29 +237,17 @@ class JobStore:
         return self.codecs[name]
 
     def _roll(self, job: dict) -> dict:
-        """toolkit.audio.rollout.rollout's steps on the loaded model; writes job/out as it does."""
-        from toolkit.audio import DEFAULT_CODEC
-        from toolkit.audio.codec import decode
-        from toolkit.audio.io import read_audio, write_audio
+        """toolkit.audio.rollout's steps on the loaded model; writes job/out as `lmkit audio rollout` does."""
         from toolkit.generate import make_generator
 
         t0 = time.perf_counter()
         run, tok = self.run, self.run.tokenizer
         s = R.RolloutSettings(**job["settings"])
         rng = np.random.Generator(np.random.PCG64(s.seed))
-        if job["mode"] == "audio":
-            codec = self._codec(job["codec"] or self.settings.codec or DEFAULT_CODEC)
-            R.check_codec(codec, tok)
-            audio = read_audio(job["audio"], codec.sample_rate)
-            prompts, where = R.prompts_from_audio(audio, codec, tok, s, rng, job["source"])
-        else:
-            prompts, where, named_codec, frame_rate = R.prompts_from_codes(Path(job["from_codes"]), tok, s, rng)
-            codec = self._codec(job["codec"] or named_codec)
-            R.check_codec(codec, tok)
-            if abs(codec.frame_rate - frame_rate) > 1e-6:
-                raise UserError(f"{job['source']}: codes at {frame_rate:g} Hz, but {codec.name} makes "
-                                f"{codec.frame_rate:g} Hz")
-
+        audio = job["audio"] if job["mode"] == "audio" else None
+        codes = Path(job["from_codes"]) if job["mode"] != "audio" else None
+        prompts, where, codec = R.prompts_and_codec(tok, s, rng, self._codec, audio, codes,
+                                                    job["codec"] or self.settings.codec, job["source"])
         last_save = [time.monotonic()]
 
         def on_step():
@@ -272,40 +260,10 @@ class JobStore:
         t_gen = time.perf_counter()
         tapes, log = R.extend_tapes(run.model, prompts, s, rng, make_generator(s.seed), tok.pad_id, on_step=on_step)
         gen_seconds = time.perf_counter() - t_gen
-
-        out, stem = self.root / job["id"] / "out", job["stem"]
-        out.mkdir(parents=True, exist_ok=True)
-        codes = [tok.decode_codes(np.asarray(t, dtype=np.int64)) for t in tapes]
-        prompt_codes = [tok.decode_codes(p) for p in prompts]
-        for i in range(s.samples):
-            write_audio(out / f"{stem}_{i}_prompt.wav", decode(codec, prompt_codes[i], n_codebooks=1),
-                        codec.sample_rate)
-            write_audio(out / f"{stem}_{i}_rollout.wav", decode(codec, codes[i], n_codebooks=1), codec.sample_rate)
-        frames = np.array([c.shape[1] for c in codes], dtype=np.int64)
-        padded = np.full((s.samples, 1, frames.max()), -1, dtype=np.int16)
-        for i, c in enumerate(codes):
-            padded[i, :, : c.shape[1]] = c
-
-        def write_tapes(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # as rollout(): numpy arrays only; tapes[i, :, :tape_frames[i]] is sample i
-                np.savez_compressed(f, tapes=padded, tape_frames=frames, prompts=np.stack(prompt_codes),
-                                    modes=np.array([e["mode"] for e in log]),
-                                    new_tokens=np.array([e["new_tokens"] for e in log],
-                                                        dtype=np.int64).reshape(-1, s.samples),
-                                    sample_rate=np.int64(codec.sample_rate), frame_rate=np.float64(codec.frame_rate),
-                                    codec=np.str_(codec.name))
-
-        atomic_write(out / f"{stem}_rollout.npz", write_tapes)
-        generated = float((frames - s.prompt_length).sum() / codec.frame_rate)
-        report = {
-            "model": str(run.path), "step": run.step, "source": job["source"], "mode": job["mode"],
-            "codec": codec.name, "device": str(next(run.model.parameters()).device), "settings": asdict(s),
-            "prompts": where, "iterations": log, "tape_frames": frames.tolist(),
-            "seconds_generated": round(generated, 3), "generate_seconds": round(gen_seconds, 3),
-            "wall_seconds": round(time.perf_counter() - t0, 3),
-            "seconds_per_audio_second": round(gen_seconds / generated, 3) if generated > 0 else None,
-            "job": job["id"],
-        }
+        out = self.root / job["id"] / "out"
+        frames = R.write_rollout(out, job["stem"], tok, codec, prompts, tapes, log, s)
+        report = R.rollout_report(run, job["source"], job["mode"], codec, s, where, log, frames, gen_seconds, t0)
+        report["job"] = job["id"]
         atomic_write_json(out / "rollout.json", report)
         return report
 

@@ -5,7 +5,7 @@ and a job's state is dropped when it ends. Jobs join the round when a slot is fr
 side by side; the rest wait in order) and leave when they finish, are cancelled (the client went away) or pass
 their deadline. Every job's tokens come from `generate.stream`, the one loop, with its own sampling.
 
-Batched (llama on CPU, fp32: toolkit.models.llama_batch): a round is ONE forward for every job past its prompt
+Batched (a model whose make_batch_decoder() gives one: llama on CPU, fp32): a round is ONE forward for every job past its prompt
 (`LlamaBatch.step`, each row at its own position over its own cache), whose logits rows are then handed to each
 job's `generate.stream` through its `_Slot` decoder; a new job's prompt runs on its own decoder in its first
 round. Other models are interleaved: a round is one `generate.stream` step per job, so 8 streams each get about
@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 
 from toolkit import generate as G
-from toolkit.models.llama_batch import LlamaBatch, batchable
 
 
 @dataclass
@@ -83,7 +82,7 @@ class _Slot:
 class _Running:
     """A job on the worker: its token stream and text state."""
 
-    def __init__(self, job: Job, model, tok, stop_ids, batch: LlamaBatch | None):
+    def __init__(self, job: Job, model, tok, stop_ids, batch):
         self.job = job
         self.stats = G.Stats()
         self.slot = _Slot(batch.new_decoder(), job.prompt_ids) if batch is not None else None
@@ -98,7 +97,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_active: int = 16, batch: bool = True):
         self.model, self.tok, self.max_active = model, tokenizer, max_active
         model.eval()
-        self.batch = LlamaBatch(model) if batch and batchable(model) else None
+        self.batch = model.make_batch_decoder() if batch else None
         self.stop_ids = G.stop_ids_for(tokenizer)
         self.waiting: deque[Job] = deque()
         self.active: list[_Running] = []
