@@ -114,6 +114,19 @@ def test_fsdp_resume_equals_an_uninterrupted_sharded_run(runs, tmp_path):
     assert all(torch.allclose(single[k], w, atol=1e-5) for k, w in load_file(other / "model.safetensors").items())
 
 
+def test_fsdp_in_bf16_tracks_the_fp32_curve(runs, tmp_path):
+    """bf16: the blocks compute with bf16 weights (MixedPrecisionPolicy), gloo all-gathers them, gradients are
+    reduced in fp32 into the fp32 shards."""
+    from toolkit.device import cpu_bf16_supported
+
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16")
+    torchrun(str(runs / "tiny.toml"), "--out", str(tmp_path / "bf16"), *fsdp_sets("train.dtype=bfloat16"))
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
+    a, b = losses(runs / "fsdp"), losses(tmp_path / "bf16")
+    assert a != b and b == pytest.approx(a, rel=0.02)
+
+
 def test_parallel_is_ddp_or_fsdp():
     assert recipe_lib.TrainConfig().parallel == "ddp"
     with pytest.raises(RecipeError, match="one of 'ddp', 'fsdp', got 'zero3'") as e:

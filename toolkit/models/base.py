@@ -18,6 +18,23 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() already yields a tied tensor once
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of every nn.ModuleList whose children are all of one class and hold parameters (llama's
+    `layers`, gpt2's and pgpt's `blocks`, T5's `encoder` and `decoder`); a list inside a list already taken is part
+    of its block."""
+    blocks: list[nn.Module] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
+            continue
+        children = list(module.children())
+        if children and len({type(c) for c in children}) == 1 and all(any(True for _ in c.parameters())
+                                                                      for c in children):
+            blocks += children
+            taken.append(name)
+    return blocks
+
+
 class LanguageModel(nn.Module):
     config: Any
 
@@ -63,6 +80,11 @@ class LanguageModel(nn.Module):
         raise NotImplementedError(f"{type(self).__module__} is not an encoder-decoder model")
 
     # --- training and evaluation ------------------------------------------------------------------------------
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated units, in forward order, that FSDP shards (and compiles) one by one; each must be called
+        through its own __call__ in forward. The default finds them from the module lists."""
+        return repeated_blocks(self)
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]] | None:
         """{group: params} for per-group optimizer settings, or None: toolkit.train.optim's default groups."""

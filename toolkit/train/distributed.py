@@ -50,13 +50,13 @@ def mean_across(values: torch.Tensor, d: Dist) -> torch.Tensor:
     return values / d.world
 
 
-def any_across(flag: bool, d: Dist, device) -> bool:
-    """True on every process when it is true on one (Ctrl-C on one rank stops them all at the same step)."""
+def any_across(flags: list[bool], d: Dist, device) -> list[bool]:
+    """Each flag, true on every process when it is true on one (so all ranks stop at the same step)."""
     if not d.enabled:
-        return flag
-    t = torch.tensor(float(flag), device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], device=device)
     dist.all_reduce(t)
-    return t.item() > 0
+    return [v > 0 for v in t.tolist()]
 
 
 def barrier(d: Dist) -> None:
@@ -73,20 +73,11 @@ def barrier(d: Dist) -> None:
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a model, each one FSDP unit: the children of every nn.ModuleList whose children are
-    all of one class and hold parameters (llama's `layers`, gpt2's and pgpt's `blocks`, T5's `encoder` and
-    `decoder`). A list inside a list already taken is part of its block. None found: the root is the only unit."""
-    blocks: list[torch.nn.Module] = []
-    taken: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
-            continue
-        children = list(module.children())
-        if children and len({type(c) for c in children}) == 1 and all(any(True for _ in c.parameters())
-                                                                      for c in children):
-            blocks += children
-            taken.append(name)
-    return blocks
+    """The repeated blocks of a model, each one FSDP unit: the model's `blocks()` (toolkit.models.base), or for
+    another module the same guess the protocol's default makes. None: the root is the only unit."""
+    from toolkit.models.base import LanguageModel, repeated_blocks
+
+    return model.blocks() if isinstance(model, LanguageModel) else repeated_blocks(model)
 
 
 def shard_model(model: torch.nn.Module, dtype: torch.dtype, compile_blocks: bool = False) -> torch.nn.Module:
@@ -94,15 +85,18 @@ def shard_model(model: torch.nn.Module, dtype: torch.dtype, compile_blocks: bool
     with bf16 parameters and reduce gradients in fp32 (the sharded master weights stay fp32); otherwise all fp32.
     With `compile_blocks` each block is compiled before it is sharded (in place, `nn.Module.compile`, so the
     state dict's names do not change). Build the optimizer after this: its parameters are the DTensor shards."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # the mesh of the model's device (FSDP's default is the accelerator's, even for train.device = cpu)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == torch.bfloat16
           else MixedPrecisionPolicy())
     for block in transformer_blocks(model):
         if compile_blocks:
             block.compile()
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

@@ -1,6 +1,6 @@
 """The one training loop, used by every model family.
 
-Single process or DDP under torchrun (nccl on GPU, gloo on CPU). Every rank draws the same global
+Single process, or DDP or FSDP2 (train.parallel) under torchrun (nccl on GPU, gloo on CPU). Every rank draws the same global
 stream of micro-batches and keeps its own share, so a DDP run's global batch equals a single
 process's. Checkpoints are atomic; `resume` continues bit for bit (on CPU) where a run stopped.
 
@@ -405,14 +405,16 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
             step_s = clock() - t0 if step_s == 0.0 else 0.9 * step_s + 0.1 * (clock() - t0)
             s.wall_s = wall_at_start + clock() - start_time
 
-            if budgeted:  # the last step: the next one would not fit with the final eval and checkpoint
-                is_last = any_across(budget_done(s, step_s + eval_s, s.tokens_per_step) > 1.0, d, s.device)
-            else:
-                is_last = s.step == tc.max_iters
+            # what ends the run here, agreed by every rank in one all-reduce (one rank's clock or Ctrl-C alone
+            # would leave the others waiting): the budget's last step, Ctrl-C, train time_limit
+            budget_last, interrupted, out_of_time = any_across(
+                [budgeted and budget_done(s, step_s + eval_s, s.tokens_per_step) > 1.0, stop.stop,
+                 bool(time_limit) and clock() - start_time >= time_limit], d, s.device)
+            is_last = budget_last if budgeted else s.step == tc.max_iters
             is_eval = s.step % tc.eval_interval == 0 or is_last
             is_ckpt = is_eval or (tc.ckpt_interval and s.step % tc.ckpt_interval == 0)
-            stopping = any_across(stop.stop, d, s.device) or (stop_after and s.step - start_step >= stop_after)
-            stopping = (stopping or (time_limit and clock() - start_time >= time_limit)) and not is_last
+            stopping = interrupted or (stop_after and s.step - start_step >= stop_after)
+            stopping = (stopping or out_of_time) and not is_last
             if s.step % tc.log_interval == 0 or is_ckpt or stopping or is_last:
                 dt = clock() - window_start
                 last = log_window(s, pending, window_steps, dt)
