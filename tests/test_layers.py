@@ -28,7 +28,7 @@ LAYERS = [
     ["toolkit.generate"],
     ["toolkit.evaluate"],
     ["toolkit.train"],
-    ["toolkit.compare"],
+    ["toolkit.compare", "toolkit.seed_formats"],
     ["toolkit.export", "toolkit.audio.rollout"],
     ["toolkit.chat"],
     ["toolkit.serve"],

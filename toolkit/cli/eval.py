@@ -40,6 +40,9 @@ def eval_run(
     batch_size: int = typer.Option(0, help="Sequences per batch (0 = the recipe's)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    seed_format: str = typer.Option(None, "--seed-format", help="Also write a seed's own result files: boggers "
+                                    "(BoggersTheLLM's epoch metrics CSV and eval results JSON)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for the --seed-format files."),
 ):
     """Token-level cross-entropy, perplexity and bits per byte on fixed val windows (the same for every run)."""
     from toolkit import run as run_lib
@@ -48,6 +51,14 @@ def eval_run(
 
     dev = resolve_device(device)
     r = run_lib.load_run(run, dev)
+    if seed_format:
+        from toolkit import seed_formats
+
+        if out is None:
+            raise UserError("--seed-format needs --out DIR for its files")
+        files = seed_formats.write(seed_format, r, out, dev)
+        console.print(f"wrote {', '.join(str(p) for p in files.values())}")
+        return
     res = evaluate_run(r, dev, batches, batch_size, data)
     source = data or "val shards"
     out = {"run": str(run), "step": r.step, "data": source, **res.to_dict()}

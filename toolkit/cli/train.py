@@ -25,7 +25,7 @@ def train(
                                      "RUN/tensorboard/ (train.tensorboard = true; needs tensorboardX)."),
 ):
     """Train a model: makes whatever of data -> vocab -> pretokenize is missing or stale, then trains with
-    checkpoints, evals and metrics.jsonl in the run folder. Under torchrun it trains with DDP."""
+    checkpoints, evals and metrics.jsonl in the run folder. Under torchrun it trains with DDP (or FSDP2: train.parallel = "fsdp")."""
     from toolkit import recipe as recipe_lib
     from toolkit.train.loop import resume_recipe, run_dir_for
     from toolkit.train.loop import train as run_training

@@ -1,7 +1,7 @@
 """The one training loop, used by every model family.
 
-Single process, or DDP or FSDP2 (train.parallel) under torchrun (nccl on GPU, gloo on CPU). Every rank draws the same global
-stream of micro-batches and keeps its own share, so a DDP run's global batch equals a single
+Single process, or DDP or FSDP2 (train.parallel) under torchrun (nccl on GPU, gloo on CPU). Every rank draws
+the same global stream of micro-batches and keeps its own share, so a DDP run's global batch equals a single
 process's. Checkpoints are atomic; `resume` continues bit for bit (on CPU) where a run stopped.
 
 `train` reads as four parts: `setup` (data, model, optimizer, sampler, resume state), `fit` (the steps),
