@@ -94,3 +94,16 @@ def test_bytes_tokenizer():
 def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="not a tokenizer folder"):
         tokenizers.load(tmp_path)
+
+
+def test_tiktoken_drop_cap_leaves_out_ids_over_the_cap():
+    """The older ts-llm tokenizer's cap: ids >= cap are left out of the text, the rest are GPT-2's own ids."""
+    full = TiktokenTokenizer("gpt2")
+    drop = TiktokenTokenizer("gpt2", vocab_cap=8192, cap_policy="drop")
+    text = "Hello world, the quick brown fox jumps over the lazy dog."
+    ids = full.encode(text)
+    assert any(i >= 8192 for i in ids)
+    assert drop.encode(text) == [i for i in ids if i < 8192]
+    assert drop.encode_batch([text, "a"]) == [drop.encode(text), drop.encode("a")]
+    assert drop.vocab_size == 8192 and drop.bos_id is None
+    assert drop.fingerprint not in (full.fingerprint, TiktokenTokenizer("gpt2", 8192, "fold").fingerprint)

@@ -29,7 +29,7 @@ class TokenizerConfig:
     vocab_size: int = 4096  # sentencepiece: size to train
     encoding: str = "gpt2"  # tiktoken: encoding name
     vocab_cap: int = 0  # tiktoken: 0 = no cap
-    cap_policy: str = "none"  # tiktoken with vocab_cap: "fold" (id % cap, lossy) or "none"
+    cap_policy: str = "none"  # tiktoken with vocab_cap: "fold" (id % cap, lossy), "drop" (ids >= cap left out)
     n_sentinels: int = 100  # bytes: sentinel ids after pad/eos/bos
     path: str = ""  # an existing tokenizer folder to use instead of training one
     max_sentences: int = 2_000_000  # sentencepiece: lines sampled for training
@@ -40,14 +40,14 @@ class TokenizerConfig:
 
     def __post_init__(self):
         check_choice(self.kind, "kind", ("sentencepiece", "tiktoken", "bytes", "audio", "llama2c"))
-        check_choice(self.cap_policy, "cap_policy", ("none", "fold"))
+        check_choice(self.cap_policy, "cap_policy", ("none", "fold", "drop"))
         check(self.vocab_size >= 0, "vocab_size", "a size >= 0")
         check(self.kind != "llama2c" or bool(self.path), "path", "a tokenizer folder for kind 'llama2c'")
         if self.kind == "sentencepiece" and not self.path:
             check(self.vocab_size >= 260, "vocab_size", "at least 260 (3 specials + 256 byte pieces + 1)")
         check(self.vocab_cap >= 0, "vocab_cap", "0 (no cap) or a positive cap")
         if self.vocab_cap:
-            check(self.cap_policy != "none", "cap_policy", "'fold' when vocab_cap is set")
+            check(self.cap_policy != "none", "cap_policy", "'fold' or 'drop' when vocab_cap is set")
         check(0 <= self.n_sentinels <= 4096, "n_sentinels", "between 0 and 4096")
         check(self.max_sentences > 0, "max_sentences", "a positive count")
         check_choice(self.layout, "layout", ("codebook0", "flatten", "delay"))

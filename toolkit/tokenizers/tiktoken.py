@@ -96,8 +96,9 @@ class TiktokenTokenizer:
     def __init__(self, encoding: str = "gpt2", vocab_cap: int = 0, cap_policy: str = "none"):
         self.encoding = encoding
         self.enc = get_encoding(encoding)
-        if vocab_cap and cap_policy != "fold":
-            raise UserError("a tiktoken vocab cap needs cap_policy 'fold' (ids mod cap; lossy)")
+        if vocab_cap and cap_policy not in ("fold", "drop"):
+            raise UserError("a tiktoken vocab cap needs cap_policy 'fold' (ids mod cap; lossy) or 'drop' (ids over "
+                            "the cap left out of the text)")
         self.vocab_cap = vocab_cap if vocab_cap and vocab_cap < self.enc.n_vocab else 0
         self.cap_policy = cap_policy if self.vocab_cap else "none"
         self.vocab_size = self.vocab_cap or self.enc.n_vocab
@@ -114,18 +115,19 @@ class TiktokenTokenizer:
         ranks.update(f"{self.vocab_cap}:{self.cap_policy}".encode())
         self.fingerprint = ranks.hexdigest()[:16]
 
-    def _cap(self, i: int) -> int:
-        return i % self.vocab_cap if self.vocab_cap else i
+    def _capped(self, ids: list[int]) -> list[int]:
+        """fold: id mod cap (what BoggersTheLLM's tokenizer does); drop: ids over the cap left out (the older
+        ts-llm tokenizer's way, so every id kept means one real token)."""
+        if not self.vocab_cap:
+            return ids
+        a = np.asarray(ids, dtype=np.int64)
+        return (a % self.vocab_cap if self.cap_policy == "fold" else a[a < self.vocab_cap]).tolist()
 
     def encode(self, text: str) -> list[int]:
-        ids = self.enc.encode_ordinary(text)
-        return [i % self.vocab_cap for i in ids] if self.vocab_cap else ids
+        return self._capped(self.enc.encode_ordinary(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        batch = self.enc.encode_ordinary_batch(texts, num_threads=1)
-        if self.vocab_cap:
-            batch = [(np.asarray(ids, dtype=np.int64) % self.vocab_cap).tolist() for ids in batch]
-        return batch
+        return [self._capped(ids) for ids in self.enc.encode_ordinary_batch(texts, num_threads=1)]
 
     def decode(self, ids) -> str:
         # with a fold cap an id stands for several tokens; the smallest (the id itself) is shown
