@@ -492,3 +492,62 @@ def test_the_relaxation_never_reads_values_back_from_the_device(vectorized, monk
             (S.sum() + torch.stack(list(states)).sum() + T.sum()).backward()
     monkeypatch.undo()
     assert S0.grad.abs().sum() > 0
+
+
+def test_named_training_terms_equal_a_by_hand_computation_and_reach_metrics(tmp_path):
+    """training_terms(): the clean train CE, trajectory contrast, aux CEs and final tension of the forwards since
+    the last read, equal to the same quantities computed by hand on the batch; the trainer logs them."""
+    import torch.nn.functional as F
+
+    from toolkit.models.attractor import relax
+    from toolkit.train.loop import train
+
+    model = tiny(train_positions=0).train()
+    x = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    model(x, x)
+    terms = model.training_terms()
+    assert model.training_terms() == {}  # read once, then reset
+    torch.manual_seed(1)  # the same forward by hand: the same noise and permutation
+    c = model.config
+    ctx = model.windows(x).reshape(-1, c.window)
+    logits, emb_rows, S, states, _ = model.score(ctx, 3, keep_states=True)
+    T = relax.fast_tension(S.unflatten(-1, (c.n_waves, -1)).permute(2, 1, 0, 3))
+    by_hand = model.trajectory_loss(states, S, T, logits, ctx, x.reshape(-1), 3, prev_emb=emb_rows[:, -1])
+    assert terms["train_ce"] == pytest.approx(F.cross_entropy(logits.float(), x.reshape(-1)).item(), rel=1e-5)
+    assert terms["final_tension"] == pytest.approx(T.mean().item(), rel=1e-5)
+    for name in ("traj_contrast", "token_aux_ce", "readout_aux_ce"):
+        assert terms[name] == pytest.approx(by_hand[name].item(), rel=1e-5), name
+
+    p = tmp_path / "a.toml"
+    p.write_text(ATTRACTOR_RECIPE)
+    train(recipe_lib.load(p), tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in logged if "loss" in r]
+    assert all({"train_ce", "traj_contrast", "final_tension"} <= set(r) for r in train_records)
+
+
+def test_seed_format_files_have_the_seeds_columns_and_one_row_per_epoch(tmp_path, capsys):
+    import csv
+
+    from conftest import lmkit
+
+    from toolkit.seed_formats import BOGGERS_COLUMNS
+
+    p = tmp_path / "a.toml"
+    p.write_text(ATTRACTOR_RECIPE)
+    code, _, err = lmkit(capsys, "train", str(p), "-o", str(tmp_path / "run"), "--set", "train.max_iters=12")
+    assert code == 0, err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    steps_per_epoch = math.ceil((info["data"]["train_tokens"] - 4) / 8)  # sliding windows / batch
+    code, _, err = lmkit(capsys, "eval", str(tmp_path / "run"), "--seed-format", "boggers", "-o",
+                         str(tmp_path / "seed"))
+    assert code == 0, err
+    rows = list(csv.reader((tmp_path / "seed" / "epoch_metrics.csv").open()))
+    assert rows[0] == BOGGERS_COLUMNS
+    assert len(rows) - 1 == math.ceil(12 / steps_per_epoch)
+    assert rows[-1][BOGGERS_COLUMNS.index("global_step")] == "12"
+    assert float(rows[1][BOGGERS_COLUMNS.index("train_ce")]) > 0
+    result = json.loads((tmp_path / "seed" / "eval_results.json").read_text())
+    assert set(result) >= {"base", "checkpoint", "config"} and result["base"]["val_windows"] > 0
+    assert result["config"]["window_size"] == 4 and result["lmkit"]["steps_per_epoch"] == steps_per_epoch

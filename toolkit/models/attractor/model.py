@@ -159,6 +159,8 @@ class Model(LanguageModel):
 
     def __init__(self, config: Config):
         super().__init__()
+        self._term_sums: dict[str, torch.Tensor] = {}  # training_terms: sums since the last read
+        self._term_count = 0
         assert config.vocab_size > 0, "vocab_size must be resolved before building"
         self.config = c = config
         H, d = c.n_waves, c.wave_dim
@@ -264,11 +266,37 @@ class Model(LanguageModel):
         y = targets[:, T - P :].reshape(-1)
         if c.loss == "ce":
             loss = F.cross_entropy(logits.float(), y, ignore_index=-1)
+            logged = {"train_ce": loss}
         else:
             # the loss's tension is the final state's (after the last step's break), as the seed computes it
             T = relax.fast_tension(S.unflatten(-1, (c.n_waves, -1)).permute(2, 1, 0, 3))  # (relax.tension, faster)
-            loss = self.trajectory_loss(states, S, T, logits, ctx, y, B, prev_emb=emb_rows[:, -1])["loss"]
+            terms = self.trajectory_loss(states, S, T, logits, ctx, y, B, prev_emb=emb_rows[:, -1])
+            loss = terms["loss"]
+            logged = {"train_ce": None, "final_tension": T.mean(),
+                      **{k: terms[k] for k in ("traj_contrast", "token_aux_ce", "readout_aux_ce")}}
+        if self.training:
+            self.log_terms(logged, logits, y)
         return logits.view(B, P, -1), loss
+
+    def log_terms(self, logged: dict, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add this step's named terms to sums kept on the device (read by `training_terms`, no host sync).
+        `train_ce` is the clean cross-entropy of the readout on the training windows (the seed's train_CE)."""
+        with torch.no_grad():
+            if logged["train_ce"] is None:
+                logged["train_ce"] = F.cross_entropy(logits.detach().float(), y, ignore_index=-1)
+            for name, value in logged.items():
+                value = value.detach().float()
+                self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        self._term_count += 1
+
+    def training_terms(self) -> dict[str, float]:
+        """Each term's mean over the training forwards since the last call: clean train CE, trajectory contrast,
+        token and readout aux CE, the final state's mean tension (the seed's CSV columns where it has them)."""
+        if not self._term_count:
+            return {}
+        out = {name: float(total) / self._term_count for name, total in self._term_sums.items()}
+        self._term_sums, self._term_count = {}, 0
+        return out
 
     def trajectory_loss(self, states, S, T_final, logits, ctx, y, rows, prev_emb=None) -> dict:
         """The seed's training objective and its terms (names as in its CSV where it has one). `T_final`: the
