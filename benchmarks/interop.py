@@ -26,6 +26,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a llama-family run folder with a sentencepiece tokenizer")
     p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--n-batch", type=int, default=512, help="llama.cpp's prompt batch (n_batch); 1 feeds the prompt a "
+                   "token at a time (llama-cpp-python 0.3 crashed in its batched q8_0 prompt path on a 288-wide "
+                   "model here; decoding is one token at a time either way)")
     p.add_argument("-n", "--new-tokens", type=int, default=64)
     p.add_argument("--dtypes", default="f32,f16,q8_0", help="comma-separated GGUF dtypes (f32, f16, bf16, q8_0)")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp and torch threads (0 = their defaults)")
@@ -89,7 +92,7 @@ def main() -> int:
             path = ex.export_gguf(args.run, Path(tmp) / f"model_{dtype}.gguf", dtype).path
             same_weights, speed = lmkit_greedy(ex.open_gguf(path).model, prompt, n, tok.eos_id)
             llm = Llama(model_path=str(path), n_ctx=run.model.config.max_seq_len, n_threads=args.threads or None,
-                        verbose=False)
+                        n_batch=args.n_batch, verbose=False)
             got, cpp_speed = llama_cpp_greedy(llm, prompt, n, tok.eos_id)
             result["gguf"][dtype] = {
                 "bytes": path.stat().st_size, "llama_cpp_tokens": got,
