@@ -26,9 +26,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="a llama-family run folder with a sentencepiece tokenizer")
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--n-batch", type=int, default=512, help="llama.cpp's prompt batch (n_batch); 1 feeds the prompt a "
-                   "token at a time (llama-cpp-python 0.3 crashed in its batched q8_0 prompt path on a 288-wide "
-                   "model here; decoding is one token at a time either way)")
+    p.add_argument("--n-batch", type=int, default=1, help="llama.cpp's prompt batch (n_batch). 1 (the default) feeds "
+                   "the prompt a token at a time: llama-cpp-python 0.3.36 segfaulted in its batched prompt path on a "
+                   "tied 288-wide q8_0 model here (f32/f16 were fine); decoding is one token at a time either way")
     p.add_argument("-n", "--new-tokens", type=int, default=64)
     p.add_argument("--dtypes", default="f32,f16,q8_0", help="comma-separated GGUF dtypes (f32, f16, bf16, q8_0)")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp and torch threads (0 = their defaults)")
