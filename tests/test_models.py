@@ -107,3 +107,22 @@ def test_build_hands_token_strings_to_the_families_that_take_them(monkeypatch):
     plain = models.build(cfg).phase.weight  # no strings: the random init
     assert (plain[0] - plain[1]).abs().max() > 0.5
     assert tiny().config.family == "llama" and models.build(tiny().config, token_strings=strings) is not None
+
+
+def test_no_protocol_method_hides_a_family_attribute():
+    """A LanguageModel method with the name of a family's submodule (gpt2's `blocks`) would hide that submodule:
+    attribute lookup finds the class's method before nn.Module's registry."""
+    import inspect
+
+    from toolkit import recipe as recipe_lib
+    from toolkit.models.base import LanguageModel
+
+    protocol = {n for n, _ in inspect.getmembers(LanguageModel) if not n.startswith("_")} - \
+        {n for n, _ in inspect.getmembers(torch.nn.Module)}
+    for name in ("stories260k", "gpt2_baseline", "resonance", "pgpt_lformer_cpu", "attractor_a1"):
+        cfg = recipe_lib.load(name).model
+        from dataclasses import replace
+
+        model = models.build(replace(cfg, vocab_size=cfg.vocab_size or 256))
+        registered = set(model._modules) | set(model._parameters) | set(model._buffers)
+        assert not protocol & registered, (name, protocol & registered)

@@ -81,7 +81,7 @@ class LanguageModel(nn.Module):
 
     # --- training and evaluation ------------------------------------------------------------------------------
 
-    def blocks(self) -> list[nn.Module]:
+    def sharding_units(self) -> list[nn.Module]:
         """The repeated units, in forward order, that FSDP shards (and compiles) one by one; each must be called
         through its own __call__ in forward. The default finds them from the module lists."""
         return repeated_blocks(self)

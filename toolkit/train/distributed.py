@@ -73,11 +73,11 @@ def barrier(d: Dist) -> None:
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a model, each one FSDP unit: the model's `blocks()` (toolkit.models.base), or for
+    """The repeated blocks of a model, each one FSDP unit: the model's `sharding_units()` (toolkit.models.base), or for
     another module the same guess the protocol's default makes. None: the root is the only unit."""
     from toolkit.models.base import LanguageModel, repeated_blocks
 
-    return model.blocks() if isinstance(model, LanguageModel) else repeated_blocks(model)
+    return model.sharding_units() if isinstance(model, LanguageModel) else repeated_blocks(model)
 
 
 def shard_model(model: torch.nn.Module, dtype: torch.dtype, compile_blocks: bool = False) -> torch.nn.Module:
