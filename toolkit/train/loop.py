@@ -34,7 +34,7 @@ from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
 from toolkit.shards.format import ShardSet
 from toolkit.train import distributed
-from toolkit.train.distributed import Dist, any_across, barrier, init_distributed, mean_across
+from toolkit.train.distributed import Dist, any_across, barrier, end_distributed, init_distributed, mean_across
 from toolkit.train.metrics import SAMPLES, append_samples, eval_samples, truncate_after
 from toolkit.train.optim import build_optimizers, lr_factor, set_lr
 
@@ -160,6 +160,7 @@ def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: 
             s.board.close()
     finally:
         run_lib.unlock(run_dir)
+        end_distributed()
     summary = {"run": str(s.run_dir), "step": s.step, "stopped_early": stopped_early, "params": s.raw_model.num_params(),
                **{k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "mfu")}}
     if stopped_early and s.d.master:
