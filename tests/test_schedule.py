@@ -93,6 +93,7 @@ def test_a_time_budget_ends_at_the_budget_with_a_final_eval_and_the_lr_at_its_fl
     state = run_lib.load_state(tmp_path / "a" / "state.pt")
     assert state["step"] == 22 and state["wall_s"] == pytest.approx(59.0)
     lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[2] == pytest.approx(3e-3)  # the first step after warm-up runs at the peak: no jump down
     assert lrs[-1] < 0.05 * lrs[2] and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # cosine on the budget
 
     # stopped and resumed, the budget and the schedule carry on: the same steps, the same weights

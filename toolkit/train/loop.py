@@ -142,6 +142,7 @@ class Session:
     board: object = None  # toolkit.plot.TensorBoard when train.tensorboard is on (rank 0)
     terms: dict = field(default_factory=dict)  # the model's named training terms at the last log
     wall_s: float = 0.0  # wall seconds this run has trained, evals and checkpoints included, over all its resumes
+    warmup_done: float | None = None  # the fraction of a budget used when warm-up ended
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -311,6 +312,7 @@ def load_checkpoint(s: Session) -> None:
     s.step, s.best_val = state["step"], state["best_val"]
     s.tokens_seen, s.elapsed = state["tokens_seen"], state["elapsed"]
     s.wall_s = state.get("wall_s", state["elapsed"])
+    s.warmup_done = state.get("warmup_done")
     torch.set_rng_state(state["torch_rng"])
     if s.device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], s.device)
@@ -391,8 +393,14 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
     with StopFlag() as stop, progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=total, completed=0, status="", visible=d.master)
         while budgeted or s.step < tc.max_iters:
-            # a budget's schedule ends where training does: before the final eval's share of the time
-            set_lr(s.optimizers, lr_factor(s.step, tc, budget_done(s, eval_s) if budgeted else None))
+            # a budget's schedule runs from the end of warm-up to where training ends (before the final eval's
+            # share of the time), so the lr is continuous at the warm-up's end and reaches its floor at the end
+            if budgeted and s.step >= tc.warmup_iters and s.warmup_done is None:
+                s.warmup_done = min(budget_done(s, eval_s), 0.99)
+            done = None
+            if budgeted and s.warmup_done is not None:
+                done = (budget_done(s, eval_s) - s.warmup_done) / (1.0 - s.warmup_done)
+            set_lr(s.optimizers, lr_factor(s.step, tc, done))
             t0 = clock()
             row_losses = [] if feedback is not None else None
             step_loss = train_step(s.model, s.raw_model, s.optimizers, next_batches(s), s.amp, tc.grad_clip,
@@ -541,6 +549,7 @@ def save(s: Session) -> None:
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
         "best_val": s.best_val, "tokens_seen": s.tokens_seen, "elapsed": s.elapsed, "wall_s": s.wall_s,
+        "warmup_done": s.warmup_done,
     }, s.run_dir / run_lib.STATE)
     os.replace(s.run_dir / NEXT_WEIGHTS, s.run_dir / run_lib.WEIGHTS)
 
