@@ -56,27 +56,39 @@ FAMILIES_WITHOUT_CLASS = {
 # names and the RoPE permutation
 
 
+def to_hf_name(name: str, top: dict, layer: dict, hf_layers: str) -> str:
+    """An lmkit tensor name -> transformers': `top` maps whole stems, `layer` the part after the layer index,
+    `hf_layers` is transformers' prefix of the layer list ('model.layers', 'transformer.h')."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in top:
+        return f"{top[stem]}.{suffix}"
+    _, index, rest = stem.split(".", 2)
+    return f"{hf_layers}.{index}.{layer[rest]}.{suffix}"
+
+
+def from_hf_name(name: str, top: dict, layer: dict, hf_layers: str, our_layers: str) -> str | None:
+    """The inverse of to_hf_name; None for a tensor lmkit's model has no place for."""
+    stem, _, suffix = name.rpartition(".")
+    for ours, theirs in top.items():
+        if stem == theirs:
+            return f"{ours}.{suffix}"
+    head, _, rest = stem.partition(hf_layers + ".")
+    index, _, part = rest.partition(".")
+    if not head and index.isdigit():
+        for ours, theirs in layer.items():
+            if part == theirs:
+                return f"{our_layers}.{index}.{ours}.{suffix}"
+    return None
+
+
 def hf_name(name: str) -> str:
     """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    stem, _, suffix = name.rpartition(".")
-    if stem in TOP_NAMES:
-        return f"{TOP_NAMES[stem]}.{suffix}"
-    _, layer, rest = stem.split(".", 2)
-    return f"model.layers.{layer}.{LAYER_NAMES[rest]}.{suffix}"
+    return to_hf_name(name, TOP_NAMES, LAYER_NAMES, "model.layers")
 
 
 def lmkit_name(name: str) -> str | None:
     """The inverse of hf_name; None for a tensor lmkit's llama has no place for."""
-    stem, _, suffix = name.rpartition(".")
-    for ours, theirs in TOP_NAMES.items():
-        if stem == theirs:
-            return f"{ours}.{suffix}"
-    parts = stem.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"]:
-        for ours, theirs in LAYER_NAMES.items():
-            if parts[3] == theirs:
-                return f"layers.{parts[2]}.{ours}.{suffix}"
-    return None
+    return from_hf_name(name, TOP_NAMES, LAYER_NAMES, "model.layers", "layers")
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -613,27 +625,14 @@ EOT = "<|endoftext|>"
 
 def gpt2_hf_name(name: str) -> str:
     """'blocks.3.attn.qkv.weight' -> 'transformer.h.3.attn.c_attn.weight'."""
-    stem, _, suffix = name.rpartition(".")
-    if stem in GPT2_TOP:
-        return f"{GPT2_TOP[stem]}.{suffix}"
-    _, layer, rest = stem.split(".", 2)
-    return f"transformer.h.{layer}.{GPT2_LAYER[rest]}.{suffix}"
+    return to_hf_name(name, GPT2_TOP, GPT2_LAYER, "transformer.h")
 
 
 def gpt2_lmkit_name(name: str) -> str | None:
     """The inverse of gpt2_hf_name (also for the legacy names without 'transformer.'); None for no place."""
-    stem, _, suffix = name.rpartition(".")
-    if not stem.startswith(("transformer.", "lm_head")):
-        stem = "transformer." + stem
-    for ours, theirs in GPT2_TOP.items():
-        if stem == theirs:
-            return f"{ours}.{suffix}"
-    parts = stem.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["transformer", "h"]:
-        for ours, theirs in GPT2_LAYER.items():
-            if parts[3] == theirs:
-                return f"blocks.{parts[2]}.{ours}.{suffix}"
-    return None
+    if not name.startswith(("transformer.", "lm_head")):
+        name = "transformer." + name
+    return from_hf_name(name, GPT2_TOP, GPT2_LAYER, "transformer.h", "blocks")
 
 
 def gpt2_to_hf_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
