@@ -74,10 +74,10 @@ def test_qa_template(sp):
 
 
 def test_stop_filter_holds_back_a_split_stop_text():
-    f = C.StopFilter("\nQ:")
+    f = G.StopText("\nQ:")
     out = [f.feed(p) for p in ["Max is", " here.\n", "Q", ": next"]]
     assert out == ["Max is", " here.", "", ""] and f.stopped and f.text == "Max is here."
-    f = C.StopFilter("\nQ:")
+    f = G.StopText("\nQ:")
     assert f.feed("a\n") == "a" and f.feed("b") == "\nb" and f.flush() == ""
 
 

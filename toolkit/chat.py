@@ -8,6 +8,7 @@ the start of the current turn; the current turn is in the prompt exactly once (t
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -109,9 +110,13 @@ class Session:
 
     def __post_init__(self):
         self.tok = self.target.tokenizer
-        self.decoder = G.decoder_for(self.target.model)
         self.max_len = self.target.model.config.max_seq_len
         self.stops = G.stop_ids_for(self.tok)
+
+    @functools.cached_property
+    def decoder(self):
+        """Made on the first reply: a session used only to build prompts (the server's) never needs one."""
+        return G.decoder_for(self.target.model)
 
     def reset(self) -> None:
         self.history.clear()
@@ -183,7 +188,6 @@ class Session:
         return answer, stats
 
 
-StopFilter = G.StopText  # the one stop-string filter (toolkit.generate); one stop string here, the template's
 
 
 def _stdout(piece: str) -> None:

@@ -3,7 +3,6 @@ turns dropped to fit the context); a base model (no template) reads them as plai
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from toolkit import chat as chat_lib
@@ -24,8 +23,6 @@ class Prompter:
         self.tok = target.tokenizer
         self.template = target.template
         self.max_len = target.model.config.max_seq_len
-        # built once: Session.__post_init__ makes a decoder, which a prompt does not need (see chat_ids)
-        self.session = chat_lib.Session(target, template=self.template)
 
     def completion_ids(self, text: str, param: str = "prompt") -> Prompt:
         bos = [self.tok.bos_id] if self.tok.bos_id is not None else []
@@ -44,10 +41,8 @@ class Prompter:
             system, messages = messages[0]["content"], messages[1:]
         if not messages or messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must be a user message", "messages")
-        # a shallow copy with its own history: prompt building only, the base session's decoder is not used
-        session = copy.copy(self.session)
-        session.system, session.history = system, list(messages[:-1])
-        session.max_new_tokens = max_tokens or self.max_len
+        session = chat_lib.Session(self.target, max_new_tokens=max_tokens or self.max_len, system=system,
+                                   template=self.template, history=list(messages[:-1]))  # for its prompt only
         text = messages[-1]["content"]
         try:
             ids, _ = session.prompt_ids(text)

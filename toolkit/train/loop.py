@@ -10,6 +10,7 @@ process's. Checkpoints are atomic; `resume` continues bit for bit (on CPU) where
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -280,17 +281,11 @@ def with_tokenizer(recipe, tok):
     if getattr(cfg, "vocab_size", 0) not in (0, vocab):
         raise UserError(f"[model].vocab_size = {cfg.vocab_size} but the tokenizer has {vocab} tokens "
                         "(set model.vocab_size = 0 to take the tokenizer's)")
-    if "vocab_size" in {f.name for f in _fields(cfg)}:
+    if "vocab_size" in {f.name for f in dataclasses.fields(cfg)}:
         cfg = replace(cfg, vocab_size=vocab)
     if callable(getattr(cfg, "with_tokenizer", None)):
         cfg = cfg.with_tokenizer(tok)
     return recipe.replace(model=cfg)
-
-
-def _fields(cfg):
-    import dataclasses
-
-    return dataclasses.fields(cfg)
 
 
 def load_checkpoint(s: Session) -> None:
