@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py                       # tinystories15m shape: 288/6/6, vocab 32000, seq 256
     python benchmarks/generate.py --decoder torch       # the plain PyTorch KV-cache forward, for comparison
-    python benchmarks/generate.py --run-c path/to/run   # also time a compiled llama2.c run.c on the same weights
+    python benchmarks/generate.py --runc path/to/run    # also time a compiled llama2.c run.c on the same weights
 
 Greedy, batch 1, prompt = BOS, stop tokens ignored so every run makes the same number of tokens.
 `decode_tokens_per_s` is measured as run.c measures "achieved tok/s" (tokens after the first, over the
@@ -38,7 +38,8 @@ def parse_args():
     p.add_argument("--decoder", choices=("auto", "torch", "window"), default="auto",
                    help="auto = what lmkit chat uses; torch = the model's KV-cache forward; window = no cache")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--run-c", default="", help="path to a compiled llama2.c run (gcc -Ofast -o run run.c -lm)")
+    p.add_argument("--runc", "--run-c", dest="run_c", default="",
+                   help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm)")
     return p.parse_args()
 
 

@@ -86,7 +86,7 @@ class DataConfig:
         check(self.shard_tokens >= 1024, "shard_tokens", "at least 1024")
 
 
-OPTIMIZERS = ("adamw", "adam", "adam8bit", "sgd")
+OPTIMIZERS = ("adamw", "adam", "adam8bit", "sgd", "muon")
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step (global, divided across DDP ranks)
     max_iters: int = 2000
-    optimizer: str = "adamw"  # adamw | adam | adam8bit (bitsandbytes on CUDA, else adam) | sgd; per group too
+    optimizer: str = "adamw"  # adamw | adam | adam8bit (bitsandbytes on CUDA, else adam) | sgd | muon; per group
     lr: float = 5e-4
     min_lr: float = 0.0
     schedule: str = "cosine"  # cosine | constant | asr (attack-sustain-release) | step (x gamma every step_size)
@@ -124,7 +124,7 @@ class TrainConfig:
     peak_flops: float = 0.0  # for MFU; 0 = detect (known GPUs) or measure (CPU)
     plot: bool = True  # curves.png in the run folder at each eval
     tensorboard: bool = False  # event files under RUN/tensorboard/ (needs tensorboardX: pip install lmkit[tensorboard])
-    groups: dict = field(default_factory=dict)  # NAME -> {lr, weight_decay, beta1, beta2, eps, optimizer}
+    groups: dict = field(default_factory=dict)  # NAME -> {lr, weight_decay, beta1, beta2, eps, momentum, optimizer}
 
     def __post_init__(self):
         check_choice(self.dtype, "dtype", ("auto", "float32", "bfloat16", "float16"))
@@ -145,7 +145,7 @@ class TrainConfig:
         check(0 <= self.min_lr <= self.lr, "min_lr", "between 0 and lr")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", "0 (off) or a positive norm")
-        allowed = {"lr", "weight_decay", "beta1", "beta2", "eps", "optimizer"}
+        allowed = {"lr", "weight_decay", "beta1", "beta2", "eps", "momentum", "optimizer"}
         for name, overrides in self.groups.items():
             check(isinstance(overrides, dict), f"groups.{name}", "a table of optimizer settings")
             unknown = set(overrides) - allowed

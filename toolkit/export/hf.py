@@ -268,6 +268,10 @@ class Exported:
 def check_exportable(run, target: str) -> None:
     family = run.recipe.model.family
     if family == "llama":
+        blockers = run.recipe.model.runtime_blockers()
+        if blockers:
+            raise UserError(f"{run.path}: {target} cannot run this llama's {', '.join(blockers)}; only a model trained "
+                            f"without them exports")
         return
     if family in FAMILIES_WITHOUT_CLASS:
         raise UserError(f"{run.path}: the {family} family ({FAMILIES_WITHOUT_CLASS[family]}) has no {target} "

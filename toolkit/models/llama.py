@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toolkit.errors import check
+from toolkit.errors import check, check_choice
 from toolkit.models.base import LanguageModel
 from toolkit.models.common import KVCache, causal_sdpa_args, rope_tables
 from toolkit.models.llama_cpu import LlamaCPUDecoder
@@ -35,6 +35,11 @@ class Config:
     max_seq_len: int = 256
     dropout: float = 0.0
     tie_embeddings: bool = True
+    # modern small-model switches (recipes/llama_fast.toml); the defaults are llama2.c's model
+    qk_norm: bool = False  # RMS-normalise queries and keys per head after RoPE (no gain), as nanochat
+    mlp: str = "swiglu"  # swiglu (w2(silu(w1 x) * w3 x)) | relu2 (w2(relu(w1 x)^2), no w3)
+    zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
+    logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
 
     def __post_init__(self):
         check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim", "positive dim, n_layers, n_heads")
@@ -46,6 +51,18 @@ class Config:
         check(self.multiple_of > 0, "multiple_of", "a positive integer")
         check(self.max_seq_len > 0, "max_seq_len", "a positive length")
         check(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
+        check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
+        check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
+
+    def runtime_blockers(self) -> list[str]:
+        """The switches that llama2.c's run.c, transformers' LlamaForCausalLM and llama.cpp's llama cannot run:
+        exporters refuse a model that has any."""
+        return [name for name, on in (("qk_norm", self.qk_norm), ("mlp = relu2", self.mlp != "swiglu"),
+                                      ("logit_softcap", self.logit_softcap > 0)) if on]
+
+    @property
+    def standard(self) -> bool:
+        return not self.runtime_blockers()
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +107,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         self.dropout = c.dropout
+        self.qk_norm, self.eps = c.qk_norm, c.norm_eps
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
         B, T, _ = x.shape
@@ -97,6 +115,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)
         mask, causal = causal_sdpa_args(T, k.shape[2], x.device)
@@ -112,11 +133,15 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
+        self.relu2 = c.mlp == "relu2"
         self.w1 = nn.Linear(c.dim, c.ffn_dim, bias=False)
         self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
-        self.w3 = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        if not self.relu2:
+            self.w3 = nn.Linear(c.dim, c.ffn_dim, bias=False)
 
     def forward(self, x):
+        if self.relu2:
+            return self.w2(F.relu(self.w1(x)).square())
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -154,6 +179,10 @@ class Model(LanguageModel):
         for name, p in self.named_parameters():
             if name.endswith("w3.weight") or name.endswith("wo.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+        if c.zero_init_out:
+            for layer in self.layers:
+                nn.init.zeros_(layer.attention.wo.weight)
+                nn.init.zeros_(layer.feed_forward.w2.weight)
 
     @staticmethod
     def _init_weights(module):
@@ -169,9 +198,12 @@ class Model(LanguageModel):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, pos)
         x = self.norm(x)
-        if targets is None:
-            return self.output(x), None
         logits = self.output(x)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -184,14 +216,16 @@ class Model(LanguageModel):
     def make_decoder(self) -> LlamaCPUDecoder | None:
         """On CPU in fp32, the numpy one-token step (toolkit.models.llama_cpu); elsewhere the generic cached one."""
         p = self.tok_embeddings.weight
-        return LlamaCPUDecoder(self) if p.device.type == "cpu" and p.dtype == torch.float32 else None
+        numpy_ok = p.device.type == "cpu" and p.dtype == torch.float32 and self.config.standard
+        return LlamaCPUDecoder(self) if numpy_ok else None
 
     def make_batch_decoder(self):
         """On CPU in fp32, the numpy step over many sequences at once (toolkit.models.llama_batch)."""
         from toolkit.models.llama_batch import LlamaBatch
 
         p = self.tok_embeddings.weight
-        return LlamaBatch(self) if p.device.type == "cpu" and p.dtype == torch.float32 else None
+        numpy_ok = p.device.type == "cpu" and p.dtype == torch.float32 and self.config.standard
+        return LlamaBatch(self) if numpy_ok else None
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""

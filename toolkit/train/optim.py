@@ -4,6 +4,10 @@ Parameters fall into named groups: `embedding`, `head` (an untied classifier), `
 2-D weights) and `scalar` (gains, biases, per-head scalars). A model may name its own groups with
 `optimizer_groups() -> {name: [params]}`. `[train.groups.NAME]` overrides lr, weight_decay, betas,
 eps or the optimizer for a group; by default weight decay applies to 2-D tensors only.
+
+`optimizer = "muon"` (torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz) takes 2-D
+tensors only, so it is meant for the `matrix` group, with AdamW for the rest (recipes/llama_fast.toml); its
+`momentum` (default 0.95) and Nesterov are Keller Jordan's, and its lr is scaled by sqrt(max(1, rows / cols)).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def _make(kind: str, groups: list[dict], device_type: str):
 
         info("adam8bit: bitsandbytes needs CUDA and the bitsandbytes package; using fp32 Adam")
         kind = "adam"
+    if kind == "muon":
+        return torch.optim.Muon(groups, lr=groups[0]["lr"], adjust_lr_fn="original")
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9)
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
@@ -74,7 +80,14 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
         kind = o.get("optimizer", cfg.optimizer)
         group = {"params": params, "name": name, "lr": o.get("lr", cfg.lr), "base_lr": o.get("lr", cfg.lr),
                  "weight_decay": decay}
-        if kind != "sgd":
+        if kind == "muon":
+            if any(p.dim() != 2 for p in params):
+                from toolkit.errors import UserError
+
+                raise UserError(f"[train.groups.{name}] optimizer = \"muon\" takes 2-D weights only; the {name} group "
+                                f"has tensors of shape {sorted({tuple(p.shape) for p in params if p.dim() != 2})[0]}")
+            group["momentum"] = o.get("momentum", 0.95)
+        elif kind != "sgd":
             group["betas"] = (o.get("beta1", cfg.beta1), o.get("beta2", cfg.beta2))
             group["eps"] = o.get("eps", cfg.eps)
         by_kind.setdefault(kind, []).append(group)
