@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,6 +67,21 @@ class Inbox:
     def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def get(self, timeout: float) -> Event:
+        """The next event; TimeoutError after `timeout` s. An event already there is taken without a timer, and
+        the timer is asyncio.timeout's (on Python 3.11 wait_for made a Task per call: per token, per stream)."""
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        if sys.version_info < (3, 11):
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:  # not yet the builtin TimeoutError on 3.10
+                raise TimeoutError from None
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
 
     def put(self, event: Event) -> None:
         try:
@@ -218,8 +234,8 @@ class Service:
         texts, reasons, completion, done = [""] * n, [None] * n, 0, 0
         while done < n:
             try:
-                event = await asyncio.wait_for(inbox.queue.get(), 1.0)
-            except asyncio.TimeoutError:
+                event = await inbox.get(1.0)
+            except TimeoutError:
                 if await request.is_disconnected():
                     return None, None, 0
                 continue
@@ -250,8 +266,8 @@ class Service:
         completion, done = 0, 0
         while done < n:
             try:
-                event = await asyncio.wait_for(inbox.queue.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:
+                event = await inbox.get(KEEPALIVE_S)
+            except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
             if event.error:
