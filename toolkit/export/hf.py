@@ -430,23 +430,28 @@ def merged_llama_config(values: dict, base, tok_vocab: int):
     return replace(base, **values)
 
 
+def embedded_recipe(embedded: str | None, source: Path, family: str, origin: str):
+    """The lmkit recipe an export embedded (JSON) if it parses and is of `family`, else a plain `family` recipe
+    named after the file (`origin` says where it came from)."""
+    from toolkit import recipe as recipe_lib
+
+    if embedded:
+        try:
+            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
+            if recipe.model.family == family:
+                return recipe
+        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
+            info(f"ignoring the lmkit recipe in {source} ({e})")
+    return recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from {origin}",
+                                 "model": {"family": family}}, str(source))
+
+
 def imported_recipe(embedded: str | None, values: dict, source: Path, fmt: str, tokenizer_kind: str = "sentencepiece",
                     tok_vocab: int = 0):
     """The recipe of an imported model: the one an lmkit export embedded (JSON), with the model's shape from the
     file; for a foreign file, a plain llama recipe."""
-    from toolkit import recipe as recipe_lib
-
     source = Path(source)
-    recipe = None
-    if embedded:
-        try:
-            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
-        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
-            info(f"ignoring the lmkit recipe in {source} ({e})")
-            recipe = None
-    if recipe is None or recipe.model.family != "llama":
-        recipe = recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from {fmt} "
-                                       f"{source.name}", "model": {"family": "llama"}}, str(source))
+    recipe = embedded_recipe(embedded, source, "llama", f"{fmt} {source.name}")
     try:
         model = merged_llama_config(values, recipe.model, tok_vocab or values.get("vocab_size", 0))
     except (TypeError, ValueError) as e:
@@ -893,18 +898,9 @@ def read_gpt2_tokenizer(folder: Path):
 
 def gpt2_recipe(embedded: str | None, values: dict, source: Path, tok):
     """The recipe of an imported gpt2 folder: the embedded lmkit recipe (if a gpt2 one) with the file's shape."""
-    from toolkit import recipe as recipe_lib
     from toolkit.models.gpt2 import Config
 
-    recipe = None
-    if embedded:
-        try:
-            recipe = recipe_lib.from_dict(json.loads(embedded), f"{source} (embedded lmkit recipe)")
-        except (UserError, json.JSONDecodeError, TypeError, AttributeError) as e:
-            info(f"ignoring the lmkit recipe in {source} ({e})")
-    if recipe is None or recipe.model.family != "gpt2":
-        recipe = recipe_lib.from_dict({"name": f"imported_{source.stem}", "description": f"imported from "
-                                       f"transformers {source.name}", "model": {"family": "gpt2"}}, str(source))
+    recipe = embedded_recipe(embedded, source, "gpt2", f"transformers {source.name}")
     base, values = recipe.model, dict(values)
     if base.ffn_dim == values["hidden_dim"]:
         values["hidden_dim"] = base.hidden_dim

@@ -214,9 +214,10 @@ def export_model(model, path: Path, version: int = 0, group_size: int = 0) -> He
     if getattr(config, "family", None) != "llama":
         raise UserError(f"only llama-family models can be exported to llama2.c .bin (this one is "
                         f"{getattr(config, 'family', type(model).__name__)!r})")
-    if config.runtime_blockers():
-        raise UserError(f"llama2.c's run.c cannot run this llama's {', '.join(config.runtime_blockers())}; only a "
-                        f"model trained without them exports to .bin")
+    blockers = config.runtime_blockers()
+    if blockers:
+        raise UserError(f"llama2.c's run.c cannot run this llama's {', '.join(blockers)}; only a model trained "
+                        f"without them exports to .bin")
     h = header_for(config, version, group_size)
     write_bin(path, h, dict(getattr(model, "_orig_mod", model).state_dict()), config.rope_theta)
     return h

@@ -5,7 +5,7 @@ one token in ONE pass over the weights: the projections, the feed-forward and th
 weight matrix products, so the weights are read once for B tokens instead of B times (a decode step is bound by
 that read). Attention stays per sequence, each over its own cache up to its own position, so no sequence sees
 another's keys and values, and sequences of any lengths share a step. The arithmetic is the batch-1 decoder's
-(llama_cpu.py) row by row.
+(llama_cpu.py) row by row, up to the order of floating-point sums.
 """
 
 from __future__ import annotations

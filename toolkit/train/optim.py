@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
+from toolkit.errors import UserError
 from toolkit.models.base import LanguageModel
 
 GROUP_NAMES = ("embedding", "head", "matrix", "scalar")
@@ -69,8 +70,6 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
     named = (model.optimizer_groups() if isinstance(model, LanguageModel) else None) or default_groups(model)
     unknown = set(cfg.groups) - set(named)
     if unknown:
-        from toolkit.errors import UserError
-
         raise UserError(f"[train.groups]: no parameter group {sorted(unknown)[0]!r} in this model "
                         f"(groups: {', '.join(named)})")
     by_kind: dict[str, list[dict]] = {}
@@ -82,8 +81,6 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
                  "weight_decay": decay}
         if kind == "muon":
             if any(p.dim() != 2 for p in params):
-                from toolkit.errors import UserError
-
                 raise UserError(f"[train.groups.{name}] optimizer = \"muon\" takes 2-D weights only; the {name} group "
                                 f"has tensors of shape {sorted({tuple(p.shape) for p in params if p.dim() != 2})[0]}")
             group["momentum"] = o.get("momentum", 0.95)
