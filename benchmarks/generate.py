@@ -39,7 +39,13 @@ def parse_args():
                    help="auto = what lmkit chat uses; torch = the model's KV-cache forward; window = no cache")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runc", "--run-c", dest="run_c", default="",
-                   help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm)")
+                   help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm, or with "
+                   "-fopenmp for threads)")
+    p.add_argument("--runc-threads", type=int, default=0,
+                   help="OMP_NUM_THREADS for run.c (default: --threads, or 1 when that is 0)")
+    p.add_argument("--startup", action="store_true",
+                   help="also time `lmkit chat model.bin --prompt ... -n 1` (and run.c -n 1) as processes: the "
+                   "time a user waits for a one-token reply, interpreter and imports included")
     return p.parse_args()
 
 
@@ -62,7 +68,7 @@ def main():
     model = Model(config).to(args.device).eval()
     make = {"auto": G.decoder_for, "torch": G.CachedDecoder, "window": G.WindowDecoder}[args.decoder]
     n_new = min(args.new_tokens, args.seq_len - 1)
-    runs, dec = [], None
+    runs, dec, out = [], None, []
     for _ in range(args.repeats):
         dec = make(model)
         stats = G.Stats()
@@ -84,34 +90,72 @@ def main():
         **best,
         "runs": runs,
     }
-    if args.run_c:
-        result["run_c"] = time_run_c(args.run_c, model, args.repeats, args.new_tokens)
+    if args.run_c or args.startup:
+        with tempfile.TemporaryDirectory() as tmp:
+            bin_path, tok_path = export_for_run_c(model, Path(tmp))
+            if args.run_c:
+                threads = args.runc_threads or args.threads or 1
+                rc = time_run_c(args.run_c, bin_path, tok_path, args.repeats, n_new, threads)
+                theirs = rc.pop("token_ids")  # run.c stops early if it samples BOS: compare what both made
+                first_diff = next((i for i, (a, b) in enumerate(zip(out, theirs)) if a != b), None)
+                rc["greedy_identical"] = first_diff is None and len(theirs) > 0
+                rc["first_different_token"] = first_diff
+                rc["compared_tokens"] = min(len(out), len(theirs))
+                result["run_c"] = rc
+            if args.startup:
+                result["startup"] = time_startup(bin_path, tok_path, args.repeats, args.run_c, args.threads)
     print(json.dumps(result, indent=2))
 
 
-def time_run_c(binary: str, model, repeats: int, steps: int) -> dict:
-    """run.c's own "achieved tok/s" on the same weights (exported v0) and a dummy 0..V tokenizer.bin."""
+def export_for_run_c(model, folder: Path) -> tuple[Path, Path]:
+    """The model as a llama2.c v0 .bin and a tokenizer.bin whose piece i (past the three specials) is " i", so
+    that run.c's printed text gives back the token ids."""
     from toolkit.export import llama2c
     from toolkit.tokenizers.llama2c_bin import write_tokenizer_bin
 
     V = model.config.vocab_size
-    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(f"<0x{b:02X}>", 0.0) for b in range(256)]
-    pieces += [(f"t{i}", -float(i)) for i in range(V - len(pieces))]
-    with tempfile.TemporaryDirectory() as tmp:
-        bin_path, tok_path = Path(tmp) / "model.bin", Path(tmp) / "tokenizer.bin"
-        llama2c.export_model(model.cpu(), bin_path, 0)
-        write_tokenizer_bin(tok_path, pieces[:V], 1, 2)
-        rates = []
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(f" {i}", -float(i)) for i in range(3, V)]
+    bin_path, tok_path = folder / "model.bin", folder / "tokenizer.bin"
+    llama2c.export_model(model.cpu(), bin_path, 0)
+    write_tokenizer_bin(tok_path, pieces[:V], 1, 2)
+    return bin_path, tok_path
+
+
+def time_run_c(binary: str, bin_path: Path, tok_path: Path, repeats: int, steps: int, threads: int) -> dict:
+    """run.c's own "achieved tok/s" (greedy, prompt = BOS) and the ids it generated. run.c's -n counts the BOS."""
+    rates, ids = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = subprocess.run([binary, str(bin_path), "-z", str(tok_path), "-t", "0", "-n", str(steps + 1)],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        m = re.search(r"achieved tok/s: ([0-9.]+)", r.stderr)
+        ids = [int(t) for t in r.stdout.split()]
+        rates.append({"decode_tokens_per_s": float(m.group(1)) if m else None, "tokens": len(ids),
+                      "wall_s": round(time.perf_counter() - t0, 3)})
+    best = max((r["decode_tokens_per_s"] or 0) for r in rates)
+    return {"binary": binary, "threads": threads, "decode_tokens_per_s": round(best, 1),
+            "median": round(statistics.median([(r["decode_tokens_per_s"] or 0) for r in rates]), 1), "runs": rates,
+            "token_ids": ids}
+
+
+def time_startup(bin_path: Path, tok_path: Path, repeats: int, run_c: str, threads: int) -> dict:
+    """Wall time of a one-token greedy reply as a fresh process: `lmkit chat` and, if given, run.c."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    commands = {"lmkit_chat": [sys.executable, "-m", "toolkit", "chat", str(bin_path), "-z", str(tok_path),
+                               "--prompt", " 5", "-n", "1", "-t", "0"]}
+    if run_c:
+        commands["run_c"] = [run_c, str(bin_path), "-z", str(tok_path), "-t", "0", "-n", "2"]
+    out = {}
+    for name, cmd in commands.items():
+        walls = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            r = subprocess.run([binary, str(bin_path), "-z", str(tok_path), "-t", "0", "-n", str(steps)],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            m = re.search(r"achieved tok/s: ([0-9.]+)", r.stderr)
-            rates.append({"decode_tokens_per_s": float(m.group(1)) if m else None,
-                          "tokens": max(len(r.stdout.split()) - 0, 0), "wall_s": round(time.perf_counter() - t0, 3)})
-    best = max((r["decode_tokens_per_s"] or 0) for r in rates)
-    return {"binary": binary, "decode_tokens_per_s": round(best, 1),
-            "median": round(statistics.median([(r["decode_tokens_per_s"] or 0) for r in rates]), 1), "runs": rates}
+            subprocess.run(cmd, capture_output=True, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+            walls.append(round(time.perf_counter() - t0, 3))
+        out[name] = {"median_s": statistics.median(walls), "runs_s": walls}
+    return out
 
 
 if __name__ == "__main__":

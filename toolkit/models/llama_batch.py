@@ -10,45 +10,26 @@ another's keys and values, and sequences of any lengths share a step. The arithm
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
-from toolkit.models.llama_cpu import LlamaCPUDecoder
+from toolkit.models.llama_cpu import DecodeWeights, LlamaCPUDecoder
 
 
 class LlamaBatch:
     def __init__(self, model):
         self.model = model
-        c = model.config
-        self.c, self.rep, self.scale, self.eps = c, c.n_heads // c.kv_heads, 1.0 / math.sqrt(c.head_dim), float(c.norm_eps)
-
-        def w(t):
-            return t.detach().numpy()
-
-        self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), w(model.output.weight)
-        # W @ X with X (in, B): a row-major weight times a block of columns, faster in OpenBLAS than X.T @ W.T.
-        # wq|wk|wv and w1|w3 are stacked (a copy of those weights) so that each is one product: at a few columns a
-        # product costs about as much in call overhead as in arithmetic.
-        self.layers = []
-        for b in model.layers:
-            a, f = b.attention, b.feed_forward
-            wqkv = np.concatenate([w(a.wq.weight), w(a.wk.weight), w(a.wv.weight)])
-            w13 = np.concatenate([w(f.w1.weight), w(f.w3.weight)])
-            self.layers.append((w(b.attention_norm.weight)[:, None], wqkv, w(a.wo.weight),
-                                w(b.ffn_norm.weight)[:, None], w13, w(f.w2.weight)))
-        self.norm = self.norm[:, None]
-        self.rope = (model.rope_cos.numpy() + 1j * model.rope_sin.numpy()).astype(np.complex64)
+        self.w = DecodeWeights(model)  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
 
     def new_decoder(self) -> LlamaCPUDecoder:
-        return LlamaCPUDecoder(self.model)
+        return LlamaCPUDecoder(self.model, self.w)
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """RMSNorm of each column of x (dim, B), in one pass over the block (a Python loop per column cost more
-        than the norm)."""
-        inv = (np.float32(1.0) / np.sqrt(np.einsum("ij,ij->j", x, x) / np.float32(x.shape[0]) + np.float32(self.eps)))
-        return x * weight * inv[None, :]
+        """RMSNorm of each row of x (B, dim), in one pass over the block (a Python loop per row cost more than
+        the norm)."""
+        inv = np.float32(1.0) / np.sqrt(np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1]) + np.float32(self.w.eps))
+        return x * weight[None, :] * inv[:, None]
 
     def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int],
              rows: Sequence[int] | None = None) -> np.ndarray:
@@ -56,32 +37,32 @@ class LlamaBatch:
         their keys and values into each one's cache; return the next-token logits of `rows` (default: all), one
         row each: (len(rows), vocab). A prompt token fed this way needs no logits, and the classifier is the
         largest product of the step."""
-        c, rep, hd, B = self.c, self.rep, self.c.head_dim, len(decoders)
+        w, c, B = self.w, self.w.c, len(decoders)
+        nq, nkv, ffn, hd, rep = w.nq, w.nkv, w.ffn, c.head_dim, w.rep
         pos = np.asarray(positions)
         if (pos >= c.max_seq_len).any() or (pos < 0).any():
             raise ValueError(f"positions must be in [0, {c.max_seq_len})")
-        rope = self.rope[pos][:, None, :]  # (B, 1, hd/2)
-        x = np.ascontiguousarray(self.emb[np.asarray(tokens)].T)  # (dim, B): one column per sequence
-        y = np.empty((B, c.n_heads * hd), dtype=np.float32)
-        nq, nkv, ffn = c.n_heads * hd, c.kv_heads * hd, c.ffn_dim
-        for li, (an, wqkv, wo, fn, w13, w2) in enumerate(self.layers):
-            qkv = np.ascontiguousarray((wqkv @ self._rms(x, an)).T)  # (B, nq + 2 nkv)
+        rope = w.rope[pos][:, None, :]  # (B, 1, hd/2)
+        x = w.emb[np.asarray(tokens)]  # (B, dim): one row per sequence (a copy: fancy indexing)
+        y = np.empty((B, nq), dtype=np.float32)
+        for li, (an, wqkv, wo, fn, w13, w2) in enumerate(w.layers):
+            qkv = self._rms(x, an) @ wqkv  # (B, nq + 2 nkv)
             q = (qkv[:, :nq].copy().view(np.complex64).reshape(B, c.n_heads, -1) * rope).view(np.float32)
             k = (qkv[:, nq : nq + nkv].copy().view(np.complex64).reshape(B, c.kv_heads, -1) * rope).view(np.float32)
             v = qkv[:, nq + nkv :].reshape(B, c.kv_heads, hd)
             for i, dec in enumerate(decoders):  # attention: each sequence over its own cache
-                kc, vc, p = dec.layers[li][9], dec.layers[li][10], int(pos[i])
+                (kc, vc), p = dec.kv[li], int(pos[i])
                 kc[:, p] = k[i]
                 vc[:, p] = v[i]
                 qi = q[i].reshape(c.kv_heads, rep, hd)  # query head h uses key/value head h // rep
                 att = np.matmul(qi, kc[:, : p + 1].transpose(0, 2, 1))  # (kv_heads, rep, p + 1)
-                att = np.exp((att - att.max(axis=-1, keepdims=True)) * self.scale)
+                att = np.exp((att - att.max(axis=-1, keepdims=True)) * w.scale)
                 att /= att.sum(axis=-1, keepdims=True)
                 y[i] = np.matmul(att, vc[:, : p + 1]).reshape(-1)
-            x += wo @ y.T
-            h13 = w13 @ self._rms(x, fn)
-            h = h13[:ffn]
-            x += w2 @ (h / (np.float32(1.0) + np.exp(-h)) * h13[ffn:])
+            x += y @ wo
+            h13 = self._rms(x, fn) @ w13
+            h = h13[:, :ffn]
+            x += (h / (np.float32(1.0) + np.exp(-h)) * h13[:, ffn:]) @ w2
         if rows is not None:
-            x = x[:, list(rows)]
-        return np.ascontiguousarray((self.wcls @ self._rms(x, self.norm)).T)
+            x = x[list(rows)]
+        return self._rms(x, w.norm) @ w.wcls

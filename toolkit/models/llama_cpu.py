@@ -1,9 +1,11 @@
-"""The Llama decoder for CPU, fp32, batch 1: one-token steps in numpy on the model's own weights and KV cache.
+"""The Llama decoder for CPU, fp32, batch 1: one-token steps in numpy on a KV cache of the model's.
 
-PyTorch's per-op overhead and MKL's gemv on AMD CPUs made the torch step 2.5-3x slower than run.c; this one is
-on a par with it, both bound by memory bandwidth (benchmarks/generate.py). Threads: numpy's BLAS and torch run at
-their configured defaults (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, torch.set_num_threads); the decoder sets and
-times nothing, so a step does the same work whatever the machine's load.
+PyTorch's per-op overhead at batch 1 made the torch step 2.5-3x slower than run.c; numpy's call overhead is a
+few microseconds, so a step costs about its products, which are bound by memory bandwidth (benchmarks/generate.py).
+The weights are copied once into `DecodeWeights`: wq|wk|wv and w1|w3 stacked and every matrix transposed, (in, out)
+row-major, so that each product is `x @ W`. OpenBLAS streams that layout about twice as fast as `W @ x` on a
+matrix larger than the cache (measured for the 288/6/6 and 512/8/8 shapes, 1 and 2 threads). Threads: numpy's
+BLAS runs at its configured default (OPENBLAS_NUM_THREADS); the decoder sets and times nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,31 @@ import torch
 from toolkit.models.common import CachedDecoder
 
 
+class DecodeWeights:
+    """The decode-time copy of a llama's weights (fp32 numpy), shared by every decoder of one model: the batch-1
+    decoder and the server's batched step (llama_batch.py) read the same arrays."""
+
+    def __init__(self, model):
+        c = model.config
+
+        def w(t):
+            return t.detach().numpy()
+
+        def t(*ws):
+            return np.ascontiguousarray(np.concatenate([w(x) for x in ws]).T)  # (in, out)
+
+        self.c, self.rep, self.scale, self.eps = c, c.n_heads // c.kv_heads, 1.0 / math.sqrt(c.head_dim), float(c.norm_eps)
+        self.nq, self.nkv, self.ffn = c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.ffn_dim
+        self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), t(model.output.weight)
+        self.layers = []
+        for b in model.layers:
+            a, f = b.attention, b.feed_forward
+            self.layers.append((w(b.attention_norm.weight), t(a.wq.weight, a.wk.weight, a.wv.weight), t(a.wo.weight),
+                                w(b.ffn_norm.weight), t(f.w1.weight, f.w3.weight), t(f.w2.weight)))
+        angles = model.rope_cos.numpy() + 1j * model.rope_sin.numpy()
+        self.rope = angles.astype(np.complex64)  # (max_len, head_dim/2): x[2i] + i x[2i+1] times this
+
+
 class LlamaCPUDecoder(CachedDecoder):
     """CachedDecoder for toolkit.models.llama on CPU, fp32, batch 1 (`Model.make_decoder()` returns one there).
     Prompts of more than NUMPY_PREFILL tokens go through the model's own forward in one batch; shorter ones token
@@ -24,29 +51,13 @@ class LlamaCPUDecoder(CachedDecoder):
 
     NUMPY_PREFILL = 64
 
-    def __init__(self, model):
+    def __init__(self, model, weights: DecodeWeights | None = None):
         super().__init__(model)
-        c = model.config
-        self.c = c
-        self.rep = c.n_heads // c.kv_heads
-        self.scale = 1.0 / math.sqrt(c.head_dim)
-
-        def w(t):
-            return t.detach().numpy()
-
-        self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), w(model.output.weight)
-        self.layers = []
-        for i, b in enumerate(model.layers):
-            a, f = b.attention, b.feed_forward
-            self.layers.append((w(b.attention_norm.weight), w(a.wq.weight), w(a.wk.weight), w(a.wv.weight),
-                                w(a.wo.weight), w(b.ffn_norm.weight), w(f.w1.weight), w(f.w2.weight),
-                                w(f.w3.weight), self.cache.k[i][0].numpy(), self.cache.v[i][0].numpy()))
-        angles = model.rope_cos.numpy() + 1j * model.rope_sin.numpy()
-        self.rope = angles.astype(np.complex64)  # (max_len, head_dim/2): x[2i] + i x[2i+1] times this
-        self.eps = float(c.norm_eps)
+        self.w = weights or DecodeWeights(model)
+        self.kv = [(self.cache.k[i][0].numpy(), self.cache.v[i][0].numpy()) for i in range(model.config.n_layers)]
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x * weight * (1.0 / math.sqrt(float(np.dot(x, x)) / x.size + self.eps))
+        return x * weight * (1.0 / math.sqrt(float(np.dot(x, x)) / x.size + self.w.eps))
 
     def _forward(self, new: list[int], pos: int) -> torch.Tensor:
         if len(new) > self.NUMPY_PREFILL:
@@ -56,24 +67,23 @@ class LlamaCPUDecoder(CachedDecoder):
         return self._step(new[-1], pos + len(new) - 1)
 
     def _step(self, token: int, pos: int, logits: bool = True) -> torch.Tensor | None:
-        c, rep, hd = self.c, self.rep, self.c.head_dim
-        rope = self.rope[pos]
-        x = self.emb[token].copy()
-        for an, wq, wk, wv, wo, fn, w1, w2, w3, kc, vc in self.layers:
-            xb = self._rms(x, an)
-            q = ((wq @ xb).view(np.complex64).reshape(c.n_heads, -1) * rope).view(np.float32)
-            k = ((wk @ xb).view(np.complex64).reshape(c.kv_heads, -1) * rope).view(np.float32)
-            kc[:, pos] = k
-            vc[:, pos] = (wv @ xb).reshape(c.kv_heads, hd)
-            q = q.reshape(c.kv_heads, rep, hd)  # query head h uses key/value head h // rep
+        w, c = self.w, self.w.c
+        nq, nkv, ffn, hd = w.nq, w.nkv, w.ffn, c.head_dim
+        rope = w.rope[pos]
+        x = w.emb[token].copy()
+        for (an, wqkv, wo, fn, w13, w2), (kc, vc) in zip(w.layers, self.kv):
+            qkv = self._rms(x, an) @ wqkv
+            q = (qkv[:nq].view(np.complex64).reshape(c.n_heads, -1) * rope).view(np.float32)
+            kc[:, pos] = (qkv[nq : nq + nkv].view(np.complex64).reshape(c.kv_heads, -1) * rope).view(np.float32)
+            vc[:, pos] = qkv[nq + nkv :].reshape(c.kv_heads, hd)
+            q = q.reshape(c.kv_heads, w.rep, hd)  # query head h uses key/value head h // rep
             att = np.matmul(q, kc[:, : pos + 1].transpose(0, 2, 1))  # (kv_heads, rep, pos + 1)
-            att = np.exp((att - att.max(axis=-1, keepdims=True)) * self.scale)
+            att = np.exp((att - att.max(axis=-1, keepdims=True)) * w.scale)
             att /= att.sum(axis=-1, keepdims=True)
-            y = np.matmul(att, vc[:, : pos + 1]).reshape(-1)
-            x += wo @ y
-            xb = self._rms(x, fn)
-            h = w1 @ xb
-            x += w2 @ (h / (np.float32(1.0) + np.exp(-h)) * (w3 @ xb))
+            x += np.matmul(att, vc[:, : pos + 1]).reshape(-1) @ wo
+            h13 = self._rms(x, fn) @ w13
+            h = h13[:ffn]
+            x += (h / (np.float32(1.0) + np.exp(-h)) * h13[ffn:]) @ w2
         if not logits:
             return None
-        return torch.from_numpy(self.wcls @ self._rms(x, self.norm))
+        return torch.from_numpy(self._rms(x, w.norm) @ w.wcls)
