@@ -38,6 +38,9 @@ def parse_args():
     p.add_argument("--decoder", choices=("auto", "torch", "window"), default="auto",
                    help="auto = what lmkit chat uses; torch = the model's KV-cache forward; window = no cache")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the model's precision (the torch KV-cache decoder; float32 is the numpy one); the greedy ids are "
+                   "compared with float32's")
     p.add_argument("--runc", "--run-c", dest="run_c", default="",
                    help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm, or with "
                    "-fopenmp for threads)")
@@ -66,6 +69,14 @@ def main():
     config = Config(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                     vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     model = Model(config).to(args.device).eval()
+    reference = None
+    if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
+        reference = G.generate(G.decoder_for(model), [1], min(args.new_tokens, args.seq_len - 1),
+                               G.Sampling(temperature=0.0), stop_ids=())
+        export_model = model
+        model = Model(config).to(args.device).eval()
+        model.load_state_dict(export_model.state_dict())
+        model = model.to(getattr(torch, args.dtype))
     make = {"auto": G.decoder_for, "torch": G.CachedDecoder, "window": G.WindowDecoder}[args.decoder]
     n_new = min(args.new_tokens, args.seq_len - 1)
     runs, dec, out = [], None, []
@@ -77,6 +88,11 @@ def main():
         runs.append({"tokens_per_s": round(stats.tokens_per_s, 1),
                      "decode_tokens_per_s": round(stats.decode_tokens_per_s, 1)})
     best = max(runs, key=lambda r: r["decode_tokens_per_s"])
+    if reference is not None:
+        diff = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), None)
+        best["float32_agreement"] = {"first_different_token": diff,
+                                     "same_tokens": sum(a == b for a, b in zip(out, reference)), "of": len(out)}
+        model = export_model  # run.c runs the float32 weights
     result = {
         "shape": {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                   "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_dim, "vocab_size": args.vocab_size,
@@ -85,6 +101,7 @@ def main():
         "new_tokens": n_new,
         "decoder": type(dec).__name__,
         "device": args.device,
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         **best,
