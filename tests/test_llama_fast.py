@@ -128,6 +128,18 @@ def test_muon_updates_of_the_matrices_are_orthogonalised_and_adamw_takes_the_res
     assert s_head.max() / s_head.min() > 3  # AdamW's update is nothing like orthogonal
 
 
+def test_a_head_group_on_a_tied_model_is_said_unused_and_a_misspelt_group_is_refused(capsys):
+    r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.head.lr=1e-4"])
+    optimizers = build_optimizers(build(tie_embeddings=True), r.train, "cpu")
+    assert "[train.groups.head] is not used: this model has no head parameters of its own (its head is tied to " \
+           "the embedding" in capsys.readouterr().err
+    names = [g["name"] for o in optimizers for g in o.param_groups]
+    assert sorted(names) == ["embedding", "matrix", "scalar"]
+    r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.haed.lr=1e-4"])
+    with pytest.raises(UserError, match=r"no parameter group 'haed' in this model \(groups: embedding, matrix"):
+        build_optimizers(build(tie_embeddings=True), r.train, "cpu")
+
+
 def test_muon_refuses_tensors_that_are_not_matrices():
     r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.scalar.optimizer=muon"])
     with pytest.raises(UserError, match=r"groups.scalar\] optimizer = \"muon\" takes 2-D weights only"):

@@ -111,3 +111,33 @@ def test_a_token_budget_ends_at_the_last_step_that_fits(tiny_recipe, tmp_path):
     r = recipe_lib.load(tiny_recipe, [f"train.max_tokens={per_step * 7 + 100}", "train.eval_interval=100",
                                       "train.plot=false"])
     assert train(r, tmp_path / "t")["step"] == 7
+
+
+def test_a_run_that_reads_its_training_split_more_than_4_times_says_so(tiny_recipe, tmp_path, monkeypatch, capsys):
+    from toolkit import recipe as recipe_lib
+    from toolkit.shards.format import ShardSet
+    from toolkit.shards.prepare import prepare
+    from toolkit.train.loop import train
+
+    small = ["data.synthetic_stories=4", "train.eval_interval=1000", "train.plot=false"]
+    train_tokens = ShardSet(prepare(recipe_lib.load(tiny_recipe, small)).shards).tokens("train")
+    per_step = 4 * 2 * 32
+    steps = -(-5 * train_tokens // per_step)  # a little over 5 passes
+    train(recipe_lib.load(tiny_recipe, small + [f"train.max_iters={steps}"]), tmp_path / "iters")
+    out = capsys.readouterr().err
+    passes = steps * per_step / train_tokens
+    assert f"this run will read its training split {passes:.1f} times ({train_tokens:,} tokens)" in out
+    assert out.count("training split") == 1  # said once, ahead
+
+    # a time budget: said once, at the first log after the 4th pass
+    FakeClock(monkeypatch, step_s=1.0, eval_s=0.0)
+    minutes = (steps * 1.0 + 0.5) / 60
+    train(recipe_lib.load(tiny_recipe, small + [f"train.max_minutes={minutes}", "train.log_interval=1"]),
+          tmp_path / "minutes")
+    out = capsys.readouterr().err
+    assert out.count("has now read its training split 4 times") == 1 and "will read" not in out
+
+    # within 4 passes: nothing
+    train(recipe_lib.load(tiny_recipe, small + [f"train.max_iters={max(1, 3 * train_tokens // per_step)}"]),
+          tmp_path / "few")
+    assert "training split" not in capsys.readouterr().err

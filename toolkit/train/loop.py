@@ -367,6 +367,21 @@ def budget_done(s: Session, extra_s: float = 0.0, extra_tokens: int = 0) -> floa
     return max(parts)
 
 
+EPOCHS_WARNING = 4  # passes over the training split past which a small model on a small corpus usually overfits
+
+
+def epochs_warning(s: Session, tokens: int, ahead: bool) -> str | None:
+    """The line to say when `tokens` (planned, if `ahead`, else read so far) are more than EPOCHS_WARNING passes
+    over the training split; None otherwise."""
+    train_tokens = s.shards.tokens("train")
+    if not train_tokens or tokens <= EPOCHS_WARNING * train_tokens:
+        return None
+    passes = tokens / train_tokens if ahead else EPOCHS_WARNING
+    what = f"will read its training split {passes:.1f} times" if ahead else f"has now read its training split {passes} times"
+    return (f"this run {what} ({train_tokens:,} tokens): past about {EPOCHS_WARNING} passes val loss usually stops "
+            "falling and then rises; watch it, or give more text or a smaller budget")
+
+
 def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict, bool]:
     """Steps until max_iters, or until the budget is used (train.max_minutes / max_tokens: the lr schedule runs
     on the fraction of the budget done, and the last step leaves time for the final eval and checkpoint), or a
@@ -385,6 +400,11 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
     start_step, start_time, wall_at_start = s.step, clock(), s.wall_s
     step_s = eval_s = 0.0  # how long a step and an eval + checkpoint take (for the budget's last step)
     total = 1000 if budgeted else tc.max_iters  # the progress bar counts per mille of a budget
+    planned = tc.max_tokens or (0 if tc.max_minutes else tc.max_iters * s.tokens_per_step)
+    warning = epochs_warning(s, planned, ahead=True) if planned else None
+    if warning and d.master:
+        info(warning)
+    warned = warning is not None  # a time budget's passes are known only as they happen: said once, when crossed
     with StopFlag() as stop, progress(TextColumn("{task.fields[status]}")) as bar:
         task = bar.add_task("train", total=total, completed=0, status="", visible=d.master)
         while budgeted or s.step < tc.max_iters:
@@ -422,6 +442,10 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
             if s.step % tc.log_interval == 0 or is_ckpt or stopping or is_last:
                 dt = clock() - window_start
                 last = log_window(s, pending, window_steps, dt)
+                if not warned and (warning := epochs_warning(s, s.tokens_seen, ahead=False)):
+                    warned = True
+                    if d.master:
+                        info(warning)
                 done = round(1000 * min(1.0, budget_done(s))) if budgeted else s.step
                 bar.update(task, completed=done, status=status_line(s, last))
                 pending.clear()

@@ -69,6 +69,17 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
     """One optimizer per optimizer kind in use; each param group remembers its `base_lr`."""
     named = (model.optimizer_groups() if isinstance(model, LanguageModel) else None) or default_groups(model)
     unknown = set(cfg.groups) - set(named)
+    absent = sorted(unknown & set(GROUP_NAMES))  # a standard group this model has no parameters in
+    if absent:  # e.g. "head" with tie_embeddings = true: the head's weight is the embedding's
+        from toolkit.console import info
+
+        head = getattr(model, "output", None) or getattr(model, "lm_head", None)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        head_tied = isinstance(head, nn.Linear) and id(head.weight) in embeddings
+        for name in absent:
+            tied = " (its head is tied to the embedding: it trains in the embedding group)" if name == "head" and head_tied else ""
+            info(f"[train.groups.{name}] is not used: this model has no {name} parameters of its own{tied}")
+    unknown -= set(absent)
     if unknown:
         raise UserError(f"[train.groups]: no parameter group {sorted(unknown)[0]!r} in this model "
                         f"(groups: {', '.join(named)})")
