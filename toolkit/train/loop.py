@@ -215,6 +215,11 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
         run_lib.load_weights(model, init_from / run_lib.WEIGHTS)
     fsdp = d.enabled and tc.parallel == "fsdp"
     if fsdp:  # sharded in place; the optimizer is built on the shards
+        muon = [n for n, o in tc.groups.items() if o.get("optimizer", tc.optimizer) == "muon"]
+        if muon or tc.optimizer == "muon":
+            raise UserError(f"optimizer = \"muon\" ({'train.groups.' + muon[0] if muon else 'train'}) does not run "
+                            "under train.parallel = fsdp: torch.optim.Muon would orthogonalise each process's shard "
+                            "of a matrix, not the matrix; use train.parallel = ddp")
         if dtype == torch.float16:
             raise UserError("train.parallel = fsdp trains in float32 or bfloat16 (float16's loss scaler would see "
                             "only each process's shard of the gradients); set train.dtype = bfloat16")
