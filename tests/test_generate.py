@@ -187,6 +187,24 @@ def test_decoder_choice_goes_by_the_model_protocol():
     assert type(G.decoder_for(Scripted([0]))) is G.WindowDecoder  # a bare nn.Module: no cache
 
 
+def test_numpy_decoders_share_one_copy_of_the_weights_until_the_weights_change():
+    """The numpy step reads a copy of the weights (stacked, transposed): decoders of one model share it, and a
+    decoder made after an optimizer step (the trainer's samples at evals) sees the new weights."""
+    model = tiny(kv=2)
+    ids = list(range(3, 20))
+    a, b = model.make_decoder(), model.make_decoder()
+    assert a.w is b.w and model.make_batch_decoder().w is a.w
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    x = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, x)[1].backward()
+    opt.step()
+    c = model.make_decoder()
+    assert c.w is not a.w
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0][0, -1]
+    assert (c.logits(ids) - full).abs().max() < 1e-5
+
+
 def test_numpy_decoder_is_deterministic():
     """No thread tuning or timing: the same prompt gives the same logits, bit for bit, on every run."""
     model = tiny(kv=2)

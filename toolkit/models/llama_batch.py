@@ -14,13 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit.models.llama_cpu import DecodeWeights, LlamaCPUDecoder
+from toolkit.models.llama_cpu import LlamaCPUDecoder, decode_weights
 
 
 class LlamaBatch:
     def __init__(self, model):
         self.model = model
-        self.w = DecodeWeights(model)  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
+        self.w = decode_weights(model)  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
 
     def new_decoder(self) -> LlamaCPUDecoder:
         return LlamaCPUDecoder(self.model, self.w)

@@ -11,6 +11,7 @@ BLAS runs at its configured default (OPENBLAS_NUM_THREADS); the decoder sets and
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -43,6 +44,24 @@ class DecodeWeights:
         self.rope = angles.astype(np.complex64)  # (max_len, head_dim/2): x[2i] + i x[2i+1] times this
 
 
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (parameter versions, weakref)
+
+
+def decode_weights(model) -> DecodeWeights:
+    """The model's DecodeWeights, made once and shared while a decoder holds them (a server's concurrent jobs, a
+    chat's turns), made again when a parameter has changed since (an optimizer step bumps its version counter)."""
+    try:
+        key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    except RuntimeError:  # a parameter made under torch.inference_mode() keeps no version counter: no sharing
+        return DecodeWeights(model)
+    known = _shared.get(model)
+    weights = known[1]() if known is not None and known[0] == key else None
+    if weights is None:
+        weights = DecodeWeights(model)
+        _shared[model] = (key, weakref.ref(weights))
+    return weights
+
+
 class LlamaCPUDecoder(CachedDecoder):
     """CachedDecoder for toolkit.models.llama on CPU, fp32, batch 1 (`Model.make_decoder()` returns one there).
     Prompts of more than NUMPY_PREFILL tokens go through the model's own forward in one batch; shorter ones token
@@ -53,7 +72,7 @@ class LlamaCPUDecoder(CachedDecoder):
 
     def __init__(self, model, weights: DecodeWeights | None = None):
         super().__init__(model)
-        self.w = weights or DecodeWeights(model)
+        self.w = weights or decode_weights(model)
         self.kv = [(self.cache.k[i][0].numpy(), self.cache.v[i][0].numpy()) for i in range(model.config.n_layers)]
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
