@@ -405,7 +405,7 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
     start_step, start_time, wall_at_start = s.step, clock(), s.wall_s
     step_s = eval_s = 0.0  # how long a step and an eval + checkpoint take (for the budget's last step)
     total = 1000 if budgeted else tc.max_iters  # the progress bar counts per mille of a budget
-    planned = tc.max_tokens or (0 if tc.max_minutes else tc.max_iters * s.tokens_per_step)
+    planned = 0 if tc.max_minutes else (tc.max_tokens or tc.max_iters * s.tokens_per_step)  # time may end it first
     warning = epochs_warning(s, planned, ahead=True) if planned else None
     if warning and d.master:
         info(warning)
