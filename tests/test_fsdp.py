@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     recipe = tmp / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
-    train(recipe_lib.load(recipe, SETS), tmp / "single")
+    train(recipe_lib.load(recipe, [*SETS, 'eval.prompts=["Once upon"]']), tmp / "single")
     torchrun(str(recipe), "--out", str(tmp / "fsdp"), *fsdp_sets('eval.prompts=["Once upon"]'))
     return tmp
 
@@ -86,7 +86,11 @@ def test_fsdp_two_gloo_processes_equal_a_single_process(runs):
         assert oa["state"].keys() == ob["state"].keys()
         assert [g["params"] for g in oa["param_groups"]] == [g["params"] for g in ob["param_groups"]]
         assert all(torch.allclose(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"], atol=1e-6) for i in oa["state"])
-    assert not (sharded / "samples.jsonl").exists()  # rank 0 alone would sample a sharded model: off
+    # rank 0 samples an unsharded copy of the gathered weights: the single process's samples, at every eval
+    samples = [[json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()] for run in (single, sharded)]
+    assert [r["step"] for r in samples[1]] == [3, 6] and samples[1][0]["prompt"] == "Once upon"
+    assert [r["text"] for r in samples[1]] == [r["text"] for r in samples[0]]
+    assert all(r["tokens"] > 0 for r in samples[1])
     loaded = run_lib.load_run(sharded)  # a sharded run loads like any other
     assert loaded.step == 6 and loaded.recipe.train.parallel == "fsdp"
     assert loaded.recipe.eval.prompts == ("Once upon",)  # the saved recipe keeps them

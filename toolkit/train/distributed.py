@@ -153,14 +153,23 @@ def _param_names(model: torch.nn.Module, optimizer) -> dict[int, str]:
     return {i: names[id(p)] for g, pg in zip(packed, optimizer.param_groups) for i, p in zip(g["params"], pg["params"])}
 
 
+def gather_full_weights(model: torch.nn.Module) -> dict | None:
+    """The sharded model's state_dict as full CPU tensors on rank 0 (tied aliases included, as a single process's
+    state_dict has them); None on the others. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return weights if dist.get_rank() == 0 else None
+
+
 def gather_full_state(model: torch.nn.Module, optimizers: list) -> tuple[dict | None, list | None]:
     """The sharded model's weights (tied aliases left out) and each optimizer's state_dict, as full CPU tensors
     in exactly a single process's layout (the optimizer's state keyed by parameter index), on rank 0; (None,
     None) on the others. A collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
+    weights = gather_full_weights(model)
     full_optims = [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
     if dist.get_rank() != 0:
         return None, None

@@ -255,10 +255,6 @@ def setup(recipe, run_dir: Path | None, resume: bool, init_from: Path | None, fo
             from toolkit.plot import TensorBoard
 
             s.board = TensorBoard(run_dir / "tensorboard")
-    if fsdp and recipe.eval.prompts:  # rank 0 alone samples, and a sharded model's forward needs every rank
-        if d.master:
-            info("train.parallel = fsdp: no samples at evals (eval.prompts); sample the run folder with lmkit chat")
-        s.recipe = s.recipe.replace(eval=replace(s.recipe.eval, prompts=()))
     return s
 
 
@@ -462,11 +458,12 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                 s.best_val = min(s.best_val, ev["val_loss"])
                 log(s, {"step": s.step, **ev})
                 last.update(ev)
+                sampled = model_to_sample(s)  # a collective when the model is sharded
                 if d.master:
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
                     console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
                                   f"{s.sampler.status()}")
-                    after_eval(s)
+                    after_eval(s, sampled)
             if is_ckpt or stopping:
                 s.wall_s = wall_at_start + clock() - start_time
                 save(s)
@@ -519,8 +516,23 @@ def log(s: Session, record: dict) -> None:
             s.board.scalars(record)
 
 
-def after_eval(s: Session) -> None:
-    """Rank 0, after each eval: samples from the recipe's prompts (samples.jsonl), curves.png, TensorBoard flush."""
+def model_to_sample(s: Session):
+    """The model the eval samples come from: the training model, or for a sharded one (FSDP) an unsharded copy
+    built on rank 0 from its gathered weights (a sharded forward needs every rank; rank 0 alone samples). Every
+    rank calls this; the others get None."""
+    if not (s.recipe.eval.prompts and distributed.is_sharded(s.raw_model)):
+        return s.raw_model
+    weights = distributed.gather_full_weights(s.raw_model)
+    if weights is None:
+        return None
+    model = models.build(s.recipe.model, s.tok.vocab_size)
+    model.load_state_dict(weights)
+    return model
+
+
+def after_eval(s: Session, sampled) -> None:
+    """Rank 0, after each eval: samples from the recipe's prompts (samples.jsonl) by `sampled` (model_to_sample),
+    curves.png, TensorBoard flush."""
     ec, tc = s.recipe.eval, s.recipe.train
     if ec.prompts:
         window = None
@@ -528,7 +540,7 @@ def after_eval(s: Session) -> None:
             from toolkit.shards.sampler import eval_windows
 
             window = next(eval_windows(s.shards, "val", s.seq_len, 1, 1))[0][0]
-        rows = eval_samples(s.raw_model, s.tok, s.step, ec, window)
+        rows = eval_samples(sampled, s.tok, s.step, ec, window)
         append_samples(s.run_dir, rows)
         if rows:
             text = " ".join(str(rows[0]["text"]).split())
