@@ -126,3 +126,20 @@ def test_no_protocol_method_hides_a_family_attribute():
         model = models.build(replace(cfg, vocab_size=cfg.vocab_size or 256))
         registered = set(model._modules) | set(model._parameters) | set(model._buffers)
         assert not protocol & registered, (name, protocol & registered)
+
+
+def test_a_model_built_to_be_loaded_skips_its_random_init_and_nothing_else(tmp_path):
+    """models.build(init=False): no random init (the weights are loaded next), the same model once loaded, the
+    init functions back afterwards, and the RNG untouched."""
+    from toolkit.export.llama2c import export_model, load_model
+
+    before = tiny()
+    m = tiny(tie_embeddings=False)
+    export_model(m, tmp_path / "m.bin", 0)
+    state = torch.get_rng_state()
+    _, loaded = load_model(tmp_path / "m.bin")  # built with init=False
+    assert torch.equal(torch.get_rng_state(), state)  # no draws: nothing was initialised at random
+    x = torch.randint(0, 50, (2, 16))
+    assert torch.equal(loaded(x)[0], m.eval()(x)[0])
+    after = tiny()  # init is back: the seed-0 model of before, draw for draw
+    assert all(torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))

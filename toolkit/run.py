@@ -136,7 +136,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         raise UserError(f"{path} is not a run folder (needs {WEIGHTS} and {RECIPE}; make one with `lmkit train`)")
     recipe = recipe_lib.load(path / RECIPE)
     tok = tokenizers.load(path / TOKENIZER)
-    model = models.build(recipe.model, tok.vocab_size)
+    model = models.build(recipe.model, tok.vocab_size, init=False)
     step = load_weights(model, path / WEIGHTS)
     info = read_info(path / RUN_INFO)
     return Run(path, recipe, tok, model.to(device).eval(), step, info)

@@ -296,7 +296,7 @@ def open_gguf(path: Path, device="cpu"):
     values["tie_embeddings"] = "output.weight" not in tensors
     tok = read_tokenizer(reader, path)
     recipe = imported_recipe(field(reader, RECIPE_KEY), values, path, "GGUF", tok.kind, tok.vocab_size)
-    model = models.build(recipe.model, values["vocab_size"])
+    model = models.build(recipe.model, values["vocab_size"], init=False)
     load_checked(model, tensors, values["tie_embeddings"], path, gguf_name, "its header")
     return Opened(model.to(device).eval(), tok, recipe, int(field(reader, STEP_KEY, 0) or 0))
 

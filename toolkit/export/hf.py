@@ -601,7 +601,7 @@ def open_hf(folder: Path, device="cpu") -> Opened:
     tensors, meta = read_hf_tensors(folder)
     recipe = imported_recipe(meta.get(RECIPE_KEY), values, folder, "transformers", tok.kind, tok.vocab_size)
     state = from_hf_tensors(tensors, values["n_heads"], values["n_kv_heads"])
-    model = models.build(recipe.model, values["vocab_size"])
+    model = models.build(recipe.model, values["vocab_size"], init=False)
     load_checked(model, state, values["tie_embeddings"], folder, hf_name, "config.json")
     return Opened(model.to(device).eval(), tok, recipe, int(meta.get("lmkit_step", 0) or 0))
 
@@ -933,6 +933,6 @@ def open_gpt2(folder: Path, cfg: dict, device="cpu") -> Opened:
     state = gpt2_from_hf_tensors(tensors, folder)
     if "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]  # tied
-    model = models.build(recipe.model, values["vocab_size"])
+    model = models.build(recipe.model, values["vocab_size"], init=False)
     load_checked(model, state, True, folder, gpt2_hf_name, "config.json")
     return Opened(model.to(device).eval(), tok, recipe, int(meta.get("lmkit_step", 0) or 0))

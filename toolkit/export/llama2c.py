@@ -337,7 +337,7 @@ def load_model(path: Path, base_config=None, device="cpu"):
     from toolkit import models
 
     h, tensors = read_bin(path)
-    model = models.build(model_config(h, base_config))
+    model = models.build(model_config(h, base_config), init=False)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "output.weight" and h.shared_classifier)]
     if missing or unexpected:  # a bug, not a user error: the names come from this module

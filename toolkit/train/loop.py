@@ -525,7 +525,7 @@ def model_to_sample(s: Session):
     weights = distributed.gather_full_weights(s.raw_model)
     if weights is None:
         return None
-    model = models.build(s.recipe.model, s.tok.vocab_size)
+    model = models.build(s.recipe.model, s.tok.vocab_size, init=False)
     model.load_state_dict(weights)
     return model
 
