@@ -3,9 +3,10 @@
 PyTorch's per-op overhead at batch 1 made the torch step 2.5-3x slower than run.c; numpy's call overhead is a
 few microseconds, so a step costs about its products, which are bound by memory bandwidth (benchmarks/generate.py).
 The weights are copied once into `DecodeWeights`: wq|wk|wv and w1|w3 stacked and every matrix transposed, (in, out)
-row-major, so that each product is `x @ W`. OpenBLAS streams that layout about twice as fast as `W @ x` on a
-matrix larger than the cache (measured for the 288/6/6 and 512/8/8 shapes, 1 and 2 threads). Threads: numpy's
-BLAS runs at its configured default (OPENBLAS_NUM_THREADS); the decoder sets and times nothing.
+row-major, so that each product is `x @ W`. On weights larger than the cache OpenBLAS streams that layout about
+twice as fast as `W @ x` at one thread, and as fast or faster at two (the 288/6/6 and 512/8/8 shapes, an AMD
+EPYC); a decode step is 1.2-1.6x faster (docs/chat.md). Threads: numpy's BLAS runs at its configured default
+(OPENBLAS_NUM_THREADS); the decoder sets and times nothing.
 """
 
 from __future__ import annotations
