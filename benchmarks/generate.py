@@ -13,6 +13,7 @@ cores), as `lmkit chat` runs; --threads 1 compares like for like with run.c sing
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -68,17 +69,13 @@ def main():
     torch.manual_seed(0)
     config = Config(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                     vocab_size=args.vocab_size, max_seq_len=args.seq_len)
-    model = Model(config).to(args.device).eval()
-    reference = None
-    if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
-        reference = G.generate(G.decoder_for(model), [1], min(args.new_tokens, args.seq_len - 1),
-                               G.Sampling(temperature=0.0), stop_ids=())
-        export_model = model
-        model = Model(config).to(args.device).eval()
-        model.load_state_dict(export_model.state_dict())
-        model = model.to(getattr(torch, args.dtype))
+    fp32_model = model = Model(config).to(args.device).eval()
     make = {"auto": G.decoder_for, "torch": G.CachedDecoder, "window": G.WindowDecoder}[args.decoder]
     n_new = min(args.new_tokens, args.seq_len - 1)
+    reference = None
+    if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
+        reference = G.generate(G.decoder_for(fp32_model), [1], n_new, G.Sampling(temperature=0.0), stop_ids=())
+        model = copy.deepcopy(fp32_model).to(getattr(torch, args.dtype))
     runs, dec, out = [], None, []
     for _ in range(args.repeats):
         dec = make(model)
@@ -92,7 +89,6 @@ def main():
         diff = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), None)
         best["float32_agreement"] = {"first_different_token": diff,
                                      "same_tokens": sum(a == b for a, b in zip(out, reference)), "of": len(out)}
-        model = export_model  # run.c runs the float32 weights
     result = {
         "shape": {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
                   "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_dim, "vocab_size": args.vocab_size,
@@ -109,15 +105,16 @@ def main():
     }
     if args.run_c or args.startup:
         with tempfile.TemporaryDirectory() as tmp:
-            bin_path, tok_path = export_for_run_c(model, Path(tmp))
+            bin_path, tok_path = export_for_run_c(fp32_model, Path(tmp))  # run.c runs the float32 weights
             if args.run_c:
                 threads = args.runc_threads or args.threads or 1
                 rc = time_run_c(args.run_c, bin_path, tok_path, args.repeats, n_new, threads)
                 theirs = rc.pop("token_ids")  # run.c stops early if it samples BOS: compare what both made
-                first_diff = next((i for i, (a, b) in enumerate(zip(out, theirs)) if a != b), None)
-                rc["greedy_identical"] = first_diff is None and len(theirs) > 0
+                ours = reference if reference is not None else out  # the float32 ids, as run.c's weights
+                first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+                rc["greedy_identical"] = first_diff is None if theirs else None  # None: run.c sampled BOS first
                 rc["first_different_token"] = first_diff
-                rc["compared_tokens"] = min(len(out), len(theirs))
+                rc["compared_tokens"] = min(len(ours), len(theirs))
                 result["run_c"] = rc
             if args.startup:
                 result["startup"] = time_startup(bin_path, tok_path, args.repeats, args.run_c, args.threads)

@@ -23,10 +23,15 @@ from toolkit.models.base import LanguageModel
 GROUP_NAMES = ("embedding", "head", "matrix", "scalar")
 
 
-def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+def embedding_and_head_ids(model: nn.Module) -> tuple[set[int], set[int]]:
+    """The ids of the embeddings' weights and of the output head's (`output` or `lm_head`); tied, they meet."""
     head = getattr(model, "output", None) or getattr(model, "lm_head", None)
-    head_ids = {id(head.weight)} if isinstance(head, nn.Linear) else set()
+    return ({id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)},
+            {id(head.weight)} if isinstance(head, nn.Linear) else set())
+
+
+def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    embedding_ids, head_ids = embedding_and_head_ids(model)
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     for p in model.parameters():  # shared (tied) tensors appear once
         if not p.requires_grad:
@@ -73,9 +78,8 @@ def build_optimizers(model: nn.Module, cfg, device_type: str) -> list[torch.opti
     if absent:  # e.g. "head" with tie_embeddings = true: the head's weight is the embedding's
         from toolkit.console import info
 
-        head = getattr(model, "output", None) or getattr(model, "lm_head", None)
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        head_tied = isinstance(head, nn.Linear) and id(head.weight) in embeddings
+        embedding_ids, head_ids = embedding_and_head_ids(model)
+        head_tied = bool(head_ids & embedding_ids)
         for name in absent:
             tied = " (its head is tied to the embedding: it trains in the embedding group)" if name == "head" and head_tied else ""
             info(f"[train.groups.{name}] is not used: this model has no {name} parameters of its own{tied}")
