@@ -48,8 +48,8 @@ def parse_args():
     p.add_argument("--runc-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for run.c (default: --threads, or 1 when that is 0)")
     p.add_argument("--startup", action="store_true",
-                   help="also time `lmkit chat model.bin --prompt ... -n 1` (and run.c -n 1) as processes: the "
-                   "time a user waits for a one-token reply, interpreter and imports included")
+                   help="also time `lmkit chat --prompt ... -n 1` on the .bin and on a run folder (and run.c -n 1) "
+                   "as processes: the time a user waits for a one-token reply, interpreter and imports included")
     return p.parse_args()
 
 
@@ -62,6 +62,7 @@ def main():
     import torch
 
     from toolkit import generate as G
+    from toolkit.models.common import CachedDecoder
     from toolkit.models.llama import Config, Model
 
     if args.threads:
@@ -70,7 +71,7 @@ def main():
     config = Config(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                     vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     fp32_model = model = Model(config).to(args.device).eval()
-    make = {"auto": G.decoder_for, "torch": G.CachedDecoder, "window": G.WindowDecoder}[args.decoder]
+    make = {"auto": G.decoder_for, "torch": CachedDecoder, "window": G.WindowDecoder}[args.decoder]
     n_new = min(args.new_tokens, args.seq_len - 1)
     reference = None
     if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
@@ -153,23 +154,27 @@ def time_run_c(binary: str, bin_path: Path, tok_path: Path, repeats: int, steps:
 
 
 def time_startup(bin_path: Path, tok_path: Path, repeats: int, run_c: str, threads: int) -> dict:
-    """Wall time of a one-token greedy reply as a fresh process: `lmkit chat` and, if given, run.c."""
+    """Wall time of a one-token greedy reply as a fresh process: `lmkit chat` on the .bin and on a run folder
+    imported from it, and, if given, run.c; alternated, a round of each per repeat."""
+    from toolkit.export import import_bin
+
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
-    commands = {"lmkit_chat": [sys.executable, "-m", "toolkit", "chat", str(bin_path), "-z", str(tok_path),
-                               "--prompt", " 5", "-n", "1", "-t", "0"]}
+    run_path = import_bin(bin_path, tok_path, bin_path.parent / "run")
+    chat = [sys.executable, "-m", "toolkit", "chat"]
+    reply = ["--prompt", " 5", "-n", "1", "-t", "0"]
+    commands = {"lmkit_chat_bin": chat + [str(bin_path), "-z", str(tok_path)] + reply,
+                "lmkit_chat_run": chat + [str(run_path)] + reply}
     if run_c:
         commands["run_c"] = [run_c, str(bin_path), "-z", str(tok_path), "-t", "0", "-n", "2"]
-    out = {}
-    for name, cmd in commands.items():
-        walls = []
-        for _ in range(repeats):
+    walls = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, cmd in commands.items():
             t0 = time.perf_counter()
             subprocess.run(cmd, capture_output=True, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
-            walls.append(round(time.perf_counter() - t0, 3))
-        out[name] = {"median_s": statistics.median(walls), "runs_s": walls}
-    return out
+            walls[name].append(round(time.perf_counter() - t0, 3))
+    return {name: {"median_s": statistics.median(w), "runs_s": w} for name, w in walls.items()}
 
 
 if __name__ == "__main__":

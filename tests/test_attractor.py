@@ -6,6 +6,7 @@ import json
 import math
 
 import attractor_reference as reference
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,9 +308,9 @@ def test_generation_respects_the_window():
     out = gen.generate(m, [1, 2], max_new_tokens=12, sampling=gen.Sampling(temperature=1.02, top_k=28, seed=0))
     assert len(out) == 12 and all(0 <= i < 50 for i in out)
     seed_sampler = gen.Sampling(**{**m.sampling_defaults(), "seed": 0})
-    pen = gen.penalize(torch.zeros(50), [3, 4, 5, 6, 7], seed_sampler)
+    pen = gen.penalize(np.zeros(50, np.float32), [3, 4, 5, 6, 7], seed_sampler)
     assert pen[3] == 0 and pen[4] == pytest.approx(-1.35) and pen[7] == pytest.approx(-6.35)
-    assert gen.penalize(torch.zeros(50), [4, 4], seed_sampler)[4] == pytest.approx(-2 * 1.35 - 5.0)
+    assert gen.penalize(np.zeros(50, np.float32), [4, 4], seed_sampler)[4] == pytest.approx(-2 * 1.35 - 5.0)
     out = gen.generate(m, [1, 2], max_new_tokens=12, sampling=seed_sampler)
     assert all(a != b for a, b in zip(out, out[1:]))  # the last-token penalty of 5 nats forbids immediate repeats
 

@@ -141,6 +141,67 @@ def test_one_shot_under_a_pipe(runs, tmp_path):
     assert r.stdout == "Lily had a" + "".join(want) + "\n"
 
 
+NO_TORCH_CHAT = ("import atexit, sys\n"
+                 "atexit.register(lambda: sys.stderr.write('torch loaded: %s\\n' % ('torch' in sys.modules)))\n"
+                 "from toolkit.cli import main\n"
+                 "main(sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chat_on_a_cpu_runs_without_torch_and_says_the_same(sp, tmp_path, tie):
+    """`lmkit chat --device cpu` on a run folder and on its .bin (v0 and int8 v2) never imports torch (most of a
+    short reply's time) and gives the torch-loaded model's text, greedy and sampled with a seed."""
+    from toolkit.export import export_run
+
+    run = make_run(tmp_path / "run", sp, max_seq_len=64, n_kv_heads=2, tie=tie, seed=3)
+    export_run(run, tmp_path / "bin" / "model.bin", "v0")
+    export_run(run, tmp_path / "q8" / "model.bin", "v2")
+    for target in (run, tmp_path / "bin" / "model.bin", tmp_path / "q8" / "model.bin"):
+        torch_model = C.load_target(target).model  # the default: the torch Model
+        assert type(torch_model).__module__ == "toolkit.models.llama"
+        assert type(C.load_target(target, device="cpu", numpy=True).model).__name__ == "NumpyLlama"
+        for flags, sampling in ((["-t", "0"], G.Sampling(temperature=0)),
+                                (["-t", "1", "--seed", "5"], G.Sampling(temperature=1.0, top_p=0.9, seed=5))):
+            want = []
+            C.Session(C.load_target(target), sampling, max_new_tokens=12).reply("Lily had a", want.append)
+            r = subprocess.run([sys.executable, "-c", NO_TORCH_CHAT, "chat", str(target), "--device", "cpu",
+                                "--prompt", "Lily had a", "-n", "12", *flags], capture_output=True, text=True,
+                               env=_env(tmp_path), timeout=120, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == "".join(want) + "\n" and "".join(want).strip()
+            assert "torch loaded: False" in r.stderr
+
+
+def test_chat_device_auto_loads_torch_only_where_a_gpu_could_be(runs, monkeypatch):
+    probe = C.accelerator_possible
+    monkeypatch.setattr(C, "accelerator_possible", lambda: False)
+    assert type(C.load_target(runs["base"], device="auto", numpy=True).model).__name__ == "NumpyLlama"
+    monkeypatch.setattr(C, "accelerator_possible", lambda: True)  # torch decides: on this machine, the CPU
+    assert type(C.load_target(runs["base"], device="auto", numpy=True).model).__name__ == "Model"
+    monkeypatch.setattr(C.sys, "platform", "linux")
+    monkeypatch.setattr(C.os.path, "exists", lambda p: p == "/dev/nvidiactl")
+    assert probe()
+    monkeypatch.setattr(C.os.path, "exists", lambda p: False)
+    assert not probe()
+
+
+def test_weights_the_numpy_model_cannot_take_get_the_torch_loaders_error(sp, tmp_path):
+    """A run folder whose weights do not fit its recipe, or are no safetensors file: the numpy path steps aside
+    and the user sees the torch loader's one-line error, as before."""
+    import shutil
+
+    from toolkit.errors import UserError
+
+    run = make_run(tmp_path / "run", sp, max_seq_len=64)
+    other = make_run(tmp_path / "other", sp, max_seq_len=64, dim=32)
+    shutil.copy(other / "model.safetensors", run / "model.safetensors")
+    with pytest.raises(UserError, match="has shape .* the recipe's model needs"):
+        C.load_target(run, device="cpu", numpy=True)
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        C.load_target(run, device="cpu", numpy=True)
+
+
 def test_empty_stdin_is_a_user_error(runs):
     from typer.testing import CliRunner
 

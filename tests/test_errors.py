@@ -102,7 +102,9 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tiny_re
 
     run = tmp_path / "run"
     r = recipe_lib.load(tiny_recipe, ["train.max_iters=8", "train.eval_interval=4"])
-    real = run_lib.save_file
+    import safetensors.torch
+
+    real = safetensors.torch.save_file  # what run.save_weights calls
     calls = []
 
     def save_file(tensors, path, metadata=None):
@@ -113,14 +115,14 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tiny_re
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(run_lib, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     with pytest.raises(UserError) as e:
         train(r, run)
     from toolkit.train.loop import NEXT_WEIGHTS
 
     assert str(e.value) == f"cannot write {run / NEXT_WEIGHTS}: the disk is full"  # the new weights, not yet in place
     assert not list(run.glob("*.tmp"))
-    monkeypatch.setattr(run_lib, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert run_lib.load_run(run).step == 4 == run_lib.load_state(run / run_lib.STATE)["step"]
     assert train(recipe_lib.load(run / run_lib.RECIPE, ["train.max_iters=8"]), run, resume=True)["step"] == 8
 

@@ -286,12 +286,12 @@ def check_bin(result, original_header=None, original=None) -> None:
     shapes = llama2c._shapes(h)
     assert set(tensors) == set(shapes)
     for k, t in tensors.items():
-        assert tuple(t.shape) == shapes[k] and t.dtype == torch.float32
+        assert tuple(t.shape) == shapes[k] and t.dtype == np.float32
     if original is not None:
         assert h == original_header
         for k, t in tensors.items():
             atol = 0.02 if h.version == 2 else 0.0
-            torch.testing.assert_close(t, original[k], atol=atol, rtol=0)
+            torch.testing.assert_close(torch.from_numpy(t), original[k], atol=atol, rtol=0)
 
 
 @fuzz(120)

@@ -365,11 +365,12 @@ def test_kv_cache_logits_equal_full_sequence_logits(attention_ii):
 
 def test_generation_through_the_shared_loop_matches_greedy_recompute():
     from toolkit import generate
+    from toolkit.models.common import CachedDecoder
 
     m = randomize(pgpt.Model(tiny())).eval()
     prompt = [3, 14, 15]
     got = generate.generate(m, prompt, max_new_tokens=6, sampling=generate.Sampling(temperature=0.0))
-    assert isinstance(generate.decoder_for(m), generate.CachedDecoder)
+    assert isinstance(generate.decoder_for(m), CachedDecoder)
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(6):

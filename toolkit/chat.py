@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,18 +44,38 @@ class Target:
         return getattr(self.recipe.data, "chat_template", "") if self.recipe is not None else ""
 
 
-def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu") -> Target:
+def accelerator_possible() -> bool:
+    """Whether torch could find a GPU here, told without importing torch (two seconds of a short reply): an NVIDIA
+    or AMD driver (Linux), Apple silicon (MPS), or a system this does not know. A wrong yes costs the import; a
+    wrong no chats on the CPU."""
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+    return True
+
+
+def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu", numpy: bool = False) -> Target:
     """A run folder, a Hugging Face llama folder, a .gguf file, or a llama2.c model.bin (with -z tokenizer.bin, or
-    the one beside it)."""
+    the one beside it). `device`: auto, cpu, cuda[:N] or mps. `numpy`: where that is the CPU, a standard fp32
+    llama in a run folder or a .bin loads as a llama_cpu.NumpyLlama, without importing torch (chat's start-up;
+    the server wants the torch model)."""
     from toolkit.run import is_run, load_run
 
+    if numpy and (device == "cpu" or (device == "auto" and not accelerator_possible())):
+        device = "numpy"  # load_run and open_bin: the numpy model where there is one, else torch on the CPU
+    else:
+        from toolkit.device import resolve_device
+
+        device = str(resolve_device(device))
+    torch_device = "cpu" if device == "numpy" else device
     path = Path(path)
     if path.is_dir() and not is_run(path) and (path / "config.json").is_file():
         from toolkit.export import open_hf
 
         if tokenizer is not None:
             raise UserError("-z/--tokenizer is for a llama2.c .bin; a Hugging Face folder has its own tokenizer")
-        opened = open_hf(path, device)
+        opened = open_hf(path, torch_device)
         return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
     if path.is_dir():
         if not is_run(path):
@@ -72,7 +93,7 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
 
         if tokenizer is not None:
             raise UserError("-z/--tokenizer is for a llama2.c .bin; a .gguf carries its own vocabulary")
-        opened = open_gguf(path, device)
+        opened = open_gguf(path, torch_device)
         return Target(opened.model, opened.tokenizer, opened.recipe, str(path))
     if path.is_file():
         from toolkit.export import open_bin

@@ -7,6 +7,10 @@ A decoder is an object with `logits(ids)` (the next-token logits after `ids`), `
   already in the cache is reused, so a chat turn only runs its new tokens;
 - `WindowDecoder`: any other causal model: recompute over the last max_seq_len tokens each step.
 
+Sampling is numpy on (V,) float32 logits, whatever the decoder returns (a torch tensor on any device is copied
+over), with a numpy random Generator; this module imports torch only for a torch model, so a numpy decoder
+(llama_cpu.NumpyLlama: `lmkit chat` without PyTorch's import) generates without it.
+
 `TextStream` turns the token stream into text pieces that never split a UTF-8 character (byte-fallback
 pieces can carry half of one); `StopText` ends that text before the first of some stop strings (a chat
 template's "\nQ:", a request's `stop`), for the REPL and the server alike.
@@ -14,16 +18,14 @@ template's "\nQ:", a request's `stop`), for the REPL and the server alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import torch
-from torch import nn
-
-from toolkit.models.base import LanguageModel
-from toolkit.models.common import CachedDecoder
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,15 @@ class Sampling:
             raise ValueError("repeat penalties and repeat_last_n must be >= 0")
 
 
-def penalize(logits: torch.Tensor, generated: Sequence[int], s: Sampling) -> torch.Tensor:
+def penalize(logits: np.ndarray, generated: Sequence[int], s: Sampling) -> np.ndarray:
     """Subtractive repeat penalties on (V,) logits: `repeat_penalty` once per occurrence among the last
     `repeat_last_n` generated ids, `last_token_penalty` more on the very last one."""
     if not generated or not (s.repeat_penalty or s.last_token_penalty):
         return logits
-    out = logits.clone()
+    out = np.array(logits, dtype=np.float32)
     recent = list(generated[-s.repeat_last_n :]) if s.repeat_last_n else []
     if s.repeat_penalty and recent:
-        idx = torch.tensor(recent, device=out.device)
-        out.index_put_((idx,), torch.full((len(recent),), -s.repeat_penalty, dtype=out.dtype, device=out.device),
-                       accumulate=True)
+        np.subtract.at(out, recent, np.float32(s.repeat_penalty))
     out[generated[-1]] -= s.last_token_penalty
     return out
 
@@ -97,16 +97,29 @@ class WindowDecoder:
         self.max_len = model.config.max_seq_len
         self.device = next(model.parameters()).device
 
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+    def logits(self, ids: Sequence[int]):
+        import torch
+
         idx = torch.tensor([list(ids[-self.max_len:])], dtype=torch.long, device=self.device)
         out = self.model(idx)
         out = out[0] if isinstance(out, tuple) else out
         return out[0, -1]
 
 
-def decoder_for(model: nn.Module):
+def _torch_module(model) -> bool:
+    torch = sys.modules.get("torch")  # not loaded: nothing can be a torch module
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def decoder_for(model):
     """The model's own decoder (`make_decoder()`), else a CachedDecoder if it has a KV cache (`new_cache`), else
-    a WindowDecoder. A module that is not a LanguageModel has the protocol's defaults: no cache."""
+    a WindowDecoder. A torch module that is not a LanguageModel has the protocol's defaults: no cache. A model
+    that is not a torch module (llama_cpu.NumpyLlama) makes its own."""
+    if not _torch_module(model):
+        return model.make_decoder()
+    from toolkit.models.base import LanguageModel
+    from toolkit.models.common import CachedDecoder
+
     model.eval()
     if not isinstance(model, LanguageModel):
         return WindowDecoder(model)
@@ -122,32 +135,49 @@ def decoder_for(model: nn.Module):
 # sampling
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> int:
+def as_logits(x) -> np.ndarray:
+    """A decoder's (V,) logits as float32 numpy: a torch tensor (any device, any dtype) is copied to the CPU."""
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().float().cpu().numpy()
+
+
+def sample(logits, s: Sampling, generator: np.random.Generator | None = None) -> int:
     """Pick the next token from (V,) logits: argmax at temperature 0, else softmax(logits / T) restricted to the
-    top k, then to the smallest set whose probability exceeds top_p (nucleus), then a multinomial draw."""
+    top k, then to the smallest set whose probability exceeds top_p (nucleus), then one draw, as run.c's
+    sample_mult: the first id whose running sum of probabilities passes a uniform number."""
+    logits = as_logits(logits)
     if s.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / s.temperature, dim=-1)
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / s.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
     ids = None
-    if 0 < s.top_k < probs.numel():
-        probs, ids = torch.topk(probs, s.top_k)
-        probs = probs / probs.sum()
+    if 0 < s.top_k < probs.size:
+        ids = np.argpartition(-probs, s.top_k - 1)[: s.top_k]
+        ids = ids[np.argsort(-probs[ids], kind="stable")]
+        probs = probs[ids] / probs[ids].sum()
     if 0 < s.top_p < 1:
         if ids is None:
             # tokens under (1 - p) / (V - 1) cannot be in the nucleus (run.c's trick): sort only the rest
-            ids = torch.nonzero(probs >= (1.0 - s.top_p) / max(probs.numel() - 1, 1)).squeeze(1)
-            probs, order = torch.sort(probs[ids], descending=True)
-            ids = ids[order]
-        keep = int(torch.searchsorted(torch.cumsum(probs, 0), torch.tensor([s.top_p])).item()) + 1
+            ids = np.flatnonzero(probs >= (1.0 - s.top_p) / max(probs.size - 1, 1))
+            ids = ids[np.argsort(-probs[ids], kind="stable")]
+            probs = probs[ids]
+        keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
         probs, ids = probs[:keep], ids[:keep]
-    choice = int(torch.multinomial(probs, 1, generator=generator).item())
+    generator = generator if generator is not None else np.random.default_rng()
+    cdf = np.cumsum(probs)
+    choice = min(int(np.searchsorted(cdf, generator.random() * cdf[-1], side="right")), probs.size - 1)
     return int(ids[choice]) if ids is not None else choice
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else time.time_ns() % (2**63))
-    return g
+def make_generator(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(seed if seed is not None else time.time_ns() % (2**63))
+
+
+def _inference_mode():
+    torch = sys.modules.get("torch")  # a torch decoder means torch is loaded; a numpy one needs nothing
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,11 +186,11 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def stream(model_or_decoder, prompt_ids: Sequence[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
            stop_ids: Sequence[int] = (), stats: Stats | None = None,
-           generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids after `prompt_ids`, one forward each, until a stop id (not yielded), max_new_tokens
-    or, for a KV-cache model, the end of its context. A prompt longer than the context is cut from the left.
+           generator: np.random.Generator | None = None) -> Iterator[int]:
+    """Yield new token ids after `prompt_ids`, one forward each (of the decoder given, or a torch model's
+    `decoder_for`), until a stop id (not yielded), max_new_tokens or, for a KV-cache model, the end of its context. A prompt longer than the context is cut from the left.
     `stats` (if given) is filled in as it goes; closing the generator early records "interrupted"."""
-    dec = decoder_for(model_or_decoder) if isinstance(model_or_decoder, nn.Module) else model_or_decoder
+    dec = decoder_for(model_or_decoder) if _torch_module(model_or_decoder) else model_or_decoder
     stats = stats if stats is not None else Stats()
     generator = generator if generator is not None else make_generator(sampling.seed)
     ids = list(prompt_ids)
@@ -180,8 +210,8 @@ def stream(model_or_decoder, prompt_ids: Sequence[int], max_new_tokens: int = 25
             if not dec.sliding and len(ids) >= dec.max_len:
                 stats.stop = "context"
                 break
-            with torch.inference_mode():  # not around the yield: the caller's code runs outside it
-                logits = penalize(dec.logits(ids), ids[stats.prompt_tokens :], sampling)
+            with _inference_mode():  # not around the yield: the caller's code runs outside it
+                logits = penalize(as_logits(dec.logits(ids)), ids[stats.prompt_tokens :], sampling)
                 nxt = sample(logits, sampling, generator)
             if stats.new_tokens == 0:
                 stats.prefill_seconds = time.perf_counter() - t0

@@ -11,15 +11,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from toolkit import recipe as recipe_lib
 from toolkit import tokenizers
 from toolkit.errors import UserError
 from toolkit.fsio import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = "model.safetensors"
 RECIPE = "recipe.toml"
@@ -47,19 +49,16 @@ def weights_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path, step: int = 0) -> None:
+    from safetensors.torch import save_file
+
     atomic_write(Path(path), lambda tmp: save_file(weights_dict(model), str(tmp), metadata={"step": str(step)}))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> int:
     """Load weights into `model`; returns the step recorded with them."""
-    path = Path(path)
-    try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            meta = json.loads(f.read(n)).get("__metadata__", {}) or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    from safetensors.torch import load_file
+
+    tensors, step = _read_weights(load_file, path)
     model = getattr(model, "_orig_mod", model)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors and not _is_tied_alias(model, k, tensors)]
@@ -71,10 +70,23 @@ def load_weights(model: torch.nn.Module, path: Path) -> int:
         if expected[k].shape != t.shape:
             raise UserError(f"{path}: {k} has shape {tuple(t.shape)}, the recipe's model needs {tuple(expected[k].shape)}")
     model.load_state_dict(tensors, strict=False)
+    return step
+
+
+def _read_weights(load_file, path: Path) -> tuple[dict, int]:
+    """(tensors, step) of a model.safetensors, read by safetensors' torch or numpy `load_file`."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(n)).get("__metadata__", {}) or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     step = meta.get("step", "0")
     if not (isinstance(step, str) and step.isdecimal()):
         raise UserError(f"{path}: its metadata's step should be a whole number, got {step!r}")
-    return int(step)
+    return tensors, int(step)
 
 
 def _is_tied_alias(model, name: str, tensors: dict) -> bool:
@@ -84,10 +96,14 @@ def _is_tied_alias(model, name: str, tensors: dict) -> bool:
 
 
 def save_state(state: dict, path: Path) -> None:
+    import torch
+
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict:
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt file or one with pickled objects
@@ -126,7 +142,9 @@ class Run:
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """A trained model from its run folder, ready for eval, generation or export."""
+    """A trained model from its run folder, ready for eval, generation or export. device "numpy": the model is
+    the family's torch-free one for generation (models.numpy_model: a standard fp32 llama), loaded without torch,
+    when there is one; else the torch model on the CPU."""
     from toolkit import models
 
     path = Path(path)
@@ -136,10 +154,31 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         raise UserError(f"{path} is not a run folder (needs {WEIGHTS} and {RECIPE}; make one with `lmkit train`)")
     recipe = recipe_lib.load(path / RECIPE)
     tok = tokenizers.load(path / TOKENIZER)
+    if device == "numpy":
+        device = "cpu"
+        model, step = _numpy_model(recipe.model, path / WEIGHTS, tok.vocab_size)
+        if model is not None:
+            return Run(path, recipe, tok, model, step, read_info(path / RUN_INFO))
     model = models.build(recipe.model, tok.vocab_size, init=False)
     step = load_weights(model, path / WEIGHTS)
     info = read_info(path / RUN_INFO)
     return Run(path, recipe, tok, model.to(device).eval(), step, info)
+
+
+def _numpy_model(config, path: Path, vocab_size: int):
+    """(models.numpy_model of the weights file, step), or (None, 0): the family has none, or the file holds what it
+    cannot take (a bf16 file, other names or shapes), and the torch loader says what is wrong."""
+    from safetensors.numpy import load_file
+
+    from toolkit import models
+
+    if not models.has_numpy_model(config):
+        return None, 0
+    try:
+        tensors, step = _read_weights(load_file, path)
+    except (UserError, TypeError):  # numpy has no bfloat16: safetensors' numpy reader raises TypeError
+        return None, 0
+    return models.numpy_model(config, tensors, vocab_size), step
 
 
 LOCK = "train.lock"

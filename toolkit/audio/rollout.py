@@ -155,7 +155,7 @@ def prompts_from_codes(codes_dir: Path, tok, s: RolloutSettings, rng: np.random.
 
 
 def extend_tapes(model, prompts: np.ndarray, s: RolloutSettings, rng: np.random.Generator,
-                 generator: torch.Generator, code_ids: int, on_step=None) -> tuple[list[list[int]], list[dict]]:
+                 generator: np.random.Generator, code_ids: int, on_step=None) -> tuple[list[list[int]], list[dict]]:
     """Roll out one tape per prompt for s.iterations; returns the tapes and, per iteration, its mode and the
     new tokens per sample. Ids at or above `code_ids` (the specials) end a generation."""
     from toolkit.generate import Sampling, stream

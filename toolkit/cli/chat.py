@@ -35,7 +35,6 @@ def chat(
     """Chat with a model: a REPL with history and /commands; a base model continues your text, a fine-tuned
     one answers in its chat template. With --prompt or piped stdin: one reply on stdout, for scripts."""
     from toolkit import chat as chat_lib
-    from toolkit.device import resolve_device
 
     if steps <= 0:
         raise UserError("--max-new-tokens: expected a positive number")
@@ -46,7 +45,7 @@ def chat(
             text = text[:-1]
         if not text.strip():
             raise UserError("stdin is empty; give a prompt with --prompt TEXT or pipe some text in")
-    t = chat_lib.load_target(target, tokenizer, str(resolve_device(device)))
+    t = chat_lib.load_target(target, tokenizer, device, numpy=True)
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repeat_penalty": repeat_penalty}
     if temperature is not None and temperature < 0:
         raise UserError(f"--temperature {temperature}: expected 0 (greedy) or more")

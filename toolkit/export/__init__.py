@@ -211,12 +211,22 @@ class Opened:
 
 
 def open_bin(model_path: Path, tokenizer_path: Path | None = None, device="cpu") -> Opened:
-    """A llama2.c model.bin with its tokenizer, in memory (what `lmkit chat model.bin` uses)."""
+    """A llama2.c model.bin with its tokenizer, in memory (what `lmkit chat model.bin` uses). device "numpy": the
+    model is a llama_cpu.NumpyLlama, loaded without torch, when the .bin holds a standard llama (a .bin always
+    does, unless its sidecar recipe has a switch run.c cannot run); else the torch Model on the CPU."""
     model_path = Path(model_path)
     header = llama2c.read_header(model_path)
     tok = load_bin_tokenizer(find_tokenizer(model_path, tokenizer_path), header.vocab_size)
     recipe = _recipe_for(model_path, header, Path("tokenizer"), tok.kind)
-    header, model = llama2c.load_model(model_path, recipe.model, device)
+    model = None
+    if device == "numpy":
+        from toolkit import models
+
+        device = "cpu"
+        if models.has_numpy_model(recipe.model):
+            model = models.numpy_model(recipe.model, llama2c.read_bin(model_path)[1])
+    if model is None:
+        header, model = llama2c.load_model(model_path, recipe.model, device)
     return Opened(header, model, tok, recipe, read_sidecar(model_path))
 
 

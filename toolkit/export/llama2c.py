@@ -18,12 +18,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from toolkit.errors import UserError
 from toolkit.fsio import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = 0x616B3432  # "ak42"
 V1_HEADER = 256
@@ -175,6 +178,8 @@ def _rope(h: Header, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_bin(path: Path, h: Header, tensors: dict[str, torch.Tensor], rope_theta: float = 10000.0) -> None:
     """Write `tensors` (llama2.c names) as a version h.version model.bin; written to a temporary name first."""
+    import torch
+
     shapes = _shapes(h)
     arrays = {}
     for name, shape in shapes.items():
@@ -274,14 +279,14 @@ def _check_header(path: Path, h: Header) -> None:
                         f"vocab_size={h.vocab_size}, seq_len={h.seq_len})")
 
 
-def read_bin(path: Path) -> tuple[Header, dict[str, torch.Tensor]]:
-    """(header, fp32 tensors by llama2.c name); v2 matrices are dequantized; a shared classifier is not
-    repeated as output.weight."""
+def read_bin(path: Path) -> tuple[Header, dict[str, np.ndarray]]:
+    """(header, fp32 numpy arrays by llama2.c name); v2 matrices are dequantized; a shared classifier is not
+    repeated as output.weight. Without torch: `lmkit chat` runs these in numpy (llama_cpu.NumpyLlama)."""
     path = Path(path)
     h = read_header(path)
     shapes = _shapes(h)
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, np.ndarray] = {}
     off = V0_HEADER if h.version == 0 else V1_HEADER
 
     def take(dtype, count: int) -> np.ndarray:
@@ -291,7 +296,7 @@ def read_bin(path: Path) -> tuple[Header, dict[str, torch.Tensor]]:
         return a
 
     def put(name: str, flat: np.ndarray) -> None:
-        out[name] = torch.from_numpy(np.array(flat, dtype=np.float32).reshape(shapes[name]))
+        out[name] = np.array(flat, dtype=np.float32).reshape(shapes[name])
 
     if h.version == 0:
         for name in v0_order(h):
@@ -318,7 +323,7 @@ def model_config(h: Header, base=None):
     (norm_eps, rope_theta, multiple_of, dropout)."""
     from dataclasses import replace
 
-    from toolkit.models.llama import Config
+    from toolkit.models.llama_config import Config
 
     values = dict(dim=h.dim, hidden_dim=h.hidden_dim, n_layers=h.n_layers, n_heads=h.n_heads,
                   n_kv_heads=h.n_kv_heads, vocab_size=h.vocab_size, max_seq_len=h.seq_len,
@@ -334,11 +339,13 @@ def model_config(h: Header, base=None):
 
 def load_model(path: Path, base_config=None, device="cpu"):
     """A toolkit.models.llama Model with the weights of a llama2.c model.bin (any version)."""
+    import torch
+
     from toolkit import models
 
-    h, tensors = read_bin(path)
+    h, arrays = read_bin(path)
     model = models.build(model_config(h, base_config), init=False)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(a) for k, a in arrays.items()}, strict=False)
     missing = [k for k in missing if not (k == "output.weight" and h.shared_classifier)]
     if missing or unexpected:  # a bug, not a user error: the names come from this module
         raise AssertionError(f"llama2.c tensors do not match the model: missing {missing}, unexpected {unexpected}")

@@ -24,8 +24,12 @@ def module(family: str):
     return importlib.import_module(FAMILIES[family])
 
 
+# families whose Config lives apart from their Model, so that a recipe of theirs loads without torch
+CONFIG_MODULES = {"llama": "toolkit.models.llama_config"}
+
+
 def config_class(family: str):
-    return module(family).Config
+    return importlib.import_module(CONFIG_MODULES.get(family, FAMILIES[family])).Config
 
 
 def build(config, vocab_size: int | None = None, token_strings: Sequence[str] | None = None, init: bool = True):
@@ -41,6 +45,23 @@ def build(config, vocab_size: int | None = None, token_strings: Sequence[str] | 
         if token_strings is not None and "token_strings" in inspect.signature(cls).parameters:
             return cls(config, token_strings=token_strings)
         return cls(config)
+
+
+def has_numpy_model(config) -> bool:
+    """Whether the family has a torch-free model for generation (llama: llama_cpu.NumpyLlama) that may take it."""
+    return config.family == "llama" and config.standard
+
+
+def numpy_model(config, tensors, vocab_size: int | None = None):
+    """The torch-free model for generation (`lmkit chat` without PyTorch's import) with these numpy weights, or
+    None: the family has none, or the weights are not exactly the fp32 tensors the config needs."""
+    if not has_numpy_model(config):
+        return None
+    from toolkit.models.llama_cpu import NumpyLlama
+
+    if getattr(config, "vocab_size", None) == 0 and vocab_size:
+        config = replace(config, vocab_size=vocab_size)
+    return NumpyLlama.from_tensors(config, tensors)
 
 
 _INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",

@@ -6,9 +6,11 @@ the angle tables are the same.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+
+from toolkit.models.decoding import PrefixCacheDecoder
 
 # ---------------------------------------------------------------------------------------------------------
 # KV cache
@@ -78,39 +80,16 @@ def causal_sdpa_args(tq: int, tk: int, device=None) -> tuple[torch.Tensor | None
 # the cached decoder
 
 
-def _common_prefix(a: list[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == list(b[:n]):
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class CachedDecoder:
+class CachedDecoder(PrefixCacheDecoder):
     """Next-token logits from a model with a KV cache (`new_cache`, `forward(idx, cache=, pos=)`) of max_seq_len
-    positions: `logits(ids)` runs only what is not in the cache yet, so a prompt prefix already there (a chat's
-    earlier turns) is reused."""
-
-    sliding = False
+    positions; a prompt prefix already in the cache is reused (toolkit.models.decoding)."""
 
     def __init__(self, model):
+        super().__init__(model.config.max_seq_len)
         self.model = model
-        self.max_len = model.config.max_seq_len
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(1, self.max_len)
-        self.done: list[int] = []  # the tokens whose keys and values are in the cache
 
     def _forward(self, new: list[int], pos: int) -> torch.Tensor:
         idx = torch.tensor([new], dtype=torch.long, device=self.device)
         return self.model(idx, cache=self.cache, pos=pos)[0][0, -1]
-
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
-        if len(ids) > self.max_len:
-            raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_len}")
-        n = min(_common_prefix(self.done, ids), len(ids) - 1)
-        self.done = self.done[:n]  # an interrupted forward leaves positions >= n half-written
-        out = self._forward(list(ids[n:]), n)
-        self.done = list(ids)
-        return out

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit.models.llama_cpu import LlamaCPUDecoder, decode_weights
+from toolkit.models.llama_cpu import LlamaCPUDecoder, decode_weights, rms_rows, rotate
 
 
 class LlamaBatch:
@@ -23,13 +23,7 @@ class LlamaBatch:
         self.w = decode_weights(model)  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
 
     def new_decoder(self) -> LlamaCPUDecoder:
-        return LlamaCPUDecoder(self.model, self.w)
-
-    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """RMSNorm of each row of x (B, dim), in one pass over the block (a Python loop per row cost more than
-        the norm)."""
-        inv = np.float32(1.0) / np.sqrt(np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1]) + np.float32(self.w.eps))
-        return x * weight[None, :] * inv[:, None]
+        return LlamaCPUDecoder(self.w)
 
     def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int],
              rows: Sequence[int] | None = None) -> np.ndarray:
@@ -46,9 +40,8 @@ class LlamaBatch:
         x = w.emb[np.asarray(tokens)]  # (B, dim): one row per sequence (a copy: fancy indexing)
         y = np.empty((B, nq), dtype=np.float32)
         for li, (an, wqkv, wo, fn, w13, w2) in enumerate(w.layers):
-            qkv = self._rms(x, an) @ wqkv  # (B, nq + 2 nkv)
-            q = (qkv[:, :nq].copy().view(np.complex64).reshape(B, c.n_heads, -1) * rope).view(np.float32)
-            k = (qkv[:, nq : nq + nkv].copy().view(np.complex64).reshape(B, c.kv_heads, -1) * rope).view(np.float32)
+            qkv = rms_rows(x, an, w.eps) @ wqkv  # (B, nq + 2 nkv)
+            q, k = rotate(qkv[:, :nq], rope, c.n_heads), rotate(qkv[:, nq : nq + nkv], rope, c.kv_heads)
             v = qkv[:, nq + nkv :].reshape(B, c.kv_heads, hd)
             for i, dec in enumerate(decoders):  # attention: each sequence over its own cache
                 (kc, vc), p = dec.kv[li], int(pos[i])
@@ -60,9 +53,9 @@ class LlamaBatch:
                 att /= att.sum(axis=-1, keepdims=True)
                 y[i] = np.matmul(att, vc[:, : p + 1]).reshape(-1)
             x += y @ wo
-            h13 = self._rms(x, fn) @ w13
+            h13 = rms_rows(x, fn, w.eps) @ w13
             h = h13[:, :ffn]
             x += (h / (np.float32(1.0) + np.exp(-h)) * h13[:, ffn:]) @ w2
         if rows is not None:
             x = x[list(rows)]
-        return self._rms(x, w.norm) @ w.wcls
+        return rms_rows(x, w.norm, w.eps) @ w.wcls

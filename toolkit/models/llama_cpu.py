@@ -1,4 +1,4 @@
-"""The Llama decoder for CPU, fp32, batch 1: one-token steps in numpy on a KV cache of the model's.
+"""The Llama decoder for CPU, fp32, batch 1, in numpy: one-token steps and a batched prefill on a KV cache of its own.
 
 PyTorch's per-op overhead at batch 1 made the torch step 2.5-3x slower than run.c; numpy's call overhead is a
 few microseconds, so a step costs about its products, which are bound by memory bandwidth (benchmarks/generate.py).
@@ -7,86 +7,124 @@ row-major, so that each product is `x @ W`. On weights larger than the cache Ope
 twice as fast as `W @ x` at one thread, and as fast or faster at two (the 288/6/6 and 512/8/8 shapes, an AMD
 EPYC); a decode step is 1.2-1.6x faster (docs/chat.md). Threads: numpy's BLAS runs at its configured default
 (OPENBLAS_NUM_THREADS); the decoder sets and times nothing.
+
+Nothing here imports torch: `NumpyLlama` holds a standard llama read straight from a .bin or a run folder, so that
+`lmkit chat` answers without PyTorch's import (most of a short reply's time). `decode_weights(model)` makes the
+same weights from a torch Model (toolkit.models.llama), which is how training samples and the server get here.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from typing import Mapping
 
 import numpy as np
-import torch
 
-from toolkit.models.common import CachedDecoder
+from toolkit.models.decoding import PrefixCacheDecoder
+
+
+def rope_table(head_dim: int, max_len: int, theta: float) -> np.ndarray:
+    """(max_len, head_dim/2) complex64 turns, e^(i p theta^(-2j / head_dim)): the angles in float32 as
+    toolkit.models.common.rope_tables makes them, their cos and sin rounded from float64."""
+    freqs = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)[: head_dim // 2]
+                                                     / np.float32(head_dim)))
+    angles = np.outer(np.arange(max_len, dtype=np.float32), freqs).astype(np.float64)
+    return (np.cos(angles) + 1j * np.sin(angles)).astype(np.complex64)
+
+
+def rms_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of each row of x (B, dim), in one pass over the block (a Python loop per row cost more)."""
+    inv = np.float32(1.0) / np.sqrt(np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1]) + np.float32(eps))
+    return x * weight[None, :] * inv[:, None]
+
+
+def rotate(x: np.ndarray, rope: np.ndarray, heads: int) -> np.ndarray:
+    """RoPE on rows of x (B, heads * head_dim) at their positions' turns rope (B, 1, head_dim/2): interleaved pairs
+    (x[2i] + i x[2i+1]), as run.c. Returns (B, heads, head_dim)."""
+    return (np.ascontiguousarray(x).view(np.complex64).reshape(len(x), heads, -1) * rope).view(np.float32)
+
+
+def tensor_shapes(c) -> dict[str, tuple[int, ...]]:
+    """The fp32 tensors of a llama (toolkit.models.llama's parameter names, llama2.c's), output.weight only when
+    untied."""
+    d, hd = c.dim, c.head_dim
+    shapes = {"tok_embeddings.weight": (c.vocab_size, d), "norm.weight": (d,)}
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention_norm.weight": (d,), p + "attention.wq.weight": (c.n_heads * hd, d),
+                       p + "attention.wk.weight": (c.kv_heads * hd, d), p + "attention.wv.weight": (c.kv_heads * hd, d),
+                       p + "attention.wo.weight": (d, c.n_heads * hd), p + "ffn_norm.weight": (d,),
+                       p + "feed_forward.w1.weight": (c.ffn_dim, d), p + "feed_forward.w2.weight": (d, c.ffn_dim),
+                       p + "feed_forward.w3.weight": (c.ffn_dim, d)})
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, d)
+    return shapes
 
 
 class DecodeWeights:
     """The decode-time copy of a llama's weights (fp32 numpy), shared by every decoder of one model: the batch-1
-    decoder and the server's batched step (llama_batch.py) read the same arrays."""
+    decoder and the server's batched step (llama_batch.py) read the same arrays. `tensors` by parameter name, as
+    `tensor_shapes(config)` lists them."""
 
-    def __init__(self, model):
-        c = model.config
-
-        def w(t):
-            return t.detach().numpy()
-
-        def t(*ws):
-            return np.ascontiguousarray(np.concatenate([w(x) for x in ws]).T)  # (in, out)
+    def __init__(self, c, tensors: Mapping[str, np.ndarray]):
+        def t(*names):
+            return np.ascontiguousarray(np.concatenate([tensors[n] for n in names]).T)  # (in, out)
 
         self.c, self.rep, self.scale, self.eps = c, c.n_heads // c.kv_heads, 1.0 / math.sqrt(c.head_dim), float(c.norm_eps)
         self.nq, self.nkv, self.ffn = c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.ffn_dim
-        self.emb, self.norm, self.wcls = w(model.tok_embeddings.weight), w(model.norm.weight), t(model.output.weight)
+        self.emb, self.norm = tensors["tok_embeddings.weight"], tensors["norm.weight"]
+        self.wcls = t("tok_embeddings.weight" if c.tie_embeddings else "output.weight")
         self.layers = []
-        for b in model.layers:
-            a, f = b.attention, b.feed_forward
-            self.layers.append((w(b.attention_norm.weight), t(a.wq.weight, a.wk.weight, a.wv.weight), t(a.wo.weight),
-                                w(b.ffn_norm.weight), t(f.w1.weight, f.w3.weight), t(f.w2.weight)))
-        angles = model.rope_cos.numpy() + 1j * model.rope_sin.numpy()
-        self.rope = angles.astype(np.complex64)  # (max_len, head_dim/2): x[2i] + i x[2i+1] times this
+        for i in range(c.n_layers):
+            a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+            self.layers.append((tensors[f"layers.{i}.attention_norm.weight"], t(a + "wq.weight", a + "wk.weight",
+                                a + "wv.weight"), t(a + "wo.weight"), tensors[f"layers.{i}.ffn_norm.weight"],
+                                t(f + "w1.weight", f + "w3.weight"), t(f + "w2.weight")))
+        self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta)
 
 
 _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (parameter versions, weakref)
 
 
 def decode_weights(model) -> DecodeWeights:
-    """The model's DecodeWeights, made once and shared while a decoder holds them (a server's concurrent jobs, a
-    chat's turns), made again when a parameter has changed since (an optimizer step bumps its version counter)."""
+    """A torch Model's DecodeWeights, made once and shared while a decoder holds them (a server's concurrent jobs,
+    a chat's turns), made again when a parameter has changed since (an optimizer step bumps its version counter)."""
+
+    def make():
+        return DecodeWeights(model.config, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+
     try:
         key = tuple((p.data_ptr(), p._version) for p in model.parameters())
     except RuntimeError:  # a parameter made under torch.inference_mode() keeps no version counter: no sharing
-        return DecodeWeights(model)
+        return make()
     known = _shared.get(model)
     weights = known[1]() if known is not None and known[0] == key else None
     if weights is None:
-        weights = DecodeWeights(model)
+        weights = make()
         _shared[model] = (key, weakref.ref(weights))
     return weights
 
 
-class LlamaCPUDecoder(CachedDecoder):
-    """CachedDecoder for toolkit.models.llama on CPU, fp32, batch 1 (`Model.make_decoder()` returns one there).
-    Prompts of more than NUMPY_PREFILL tokens go through the model's own forward in one batch; shorter ones token
-    by token in numpy (the first PyTorch matmul of a process costs a second of MKL start-up on a busy machine,
-    more than a short prompt)."""
+class LlamaCPUDecoder(PrefixCacheDecoder):
+    """The decoder (toolkit.generate) of a standard llama on CPU in fp32: `Model.make_decoder()` there, and
+    `NumpyLlama.make_decoder()`. Logits are numpy (V,) float32. A prompt goes through in one batched pass (each
+    product reads the weights once for all its tokens), a new token through `_step`."""
 
-    NUMPY_PREFILL = 64
-
-    def __init__(self, model, weights: DecodeWeights | None = None):
-        super().__init__(model)
-        self.w = weights or decode_weights(model)
-        self.kv = [(self.cache.k[i][0].numpy(), self.cache.v[i][0].numpy()) for i in range(model.config.n_layers)]
+    def __init__(self, weights: DecodeWeights):
+        c = weights.c
+        super().__init__(c.max_seq_len)
+        self.w = weights
+        shape = (c.kv_heads, c.max_seq_len, c.head_dim)
+        self.kv = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(c.n_layers)]
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         return x * weight * (1.0 / math.sqrt(float(np.dot(x, x)) / x.size + self.w.eps))
 
-    def _forward(self, new: list[int], pos: int) -> torch.Tensor:
-        if len(new) > self.NUMPY_PREFILL:
-            return super()._forward(new, pos)
-        for i, token in enumerate(new[:-1]):
-            self._step(token, pos + i, logits=False)
-        return self._step(new[-1], pos + len(new) - 1)
+    def _forward(self, new: list[int], pos: int) -> np.ndarray:
+        return self._step(new[0], pos) if len(new) == 1 else self._prefill(new, pos)
 
-    def _step(self, token: int, pos: int, logits: bool = True) -> torch.Tensor | None:
+    def _step(self, token: int, pos: int) -> np.ndarray:
         w, c = self.w, self.w.c
         nq, nkv, ffn, hd = w.nq, w.nkv, w.ffn, c.head_dim
         rope = w.rope[pos]
@@ -104,6 +142,60 @@ class LlamaCPUDecoder(CachedDecoder):
             h13 = self._rms(x, fn) @ w13
             h = h13[:ffn]
             x += (h / (np.float32(1.0) + np.exp(-h)) * h13[ffn:]) @ w2
-        if not logits:
+        return self._rms(x, w.norm) @ w.wcls
+
+    def _prefill(self, new: list[int], pos: int) -> np.ndarray:
+        """Tokens `new` at positions pos..end-1 in one pass: rows of (T, dim) through each product, causal
+        attention over the cache; the logits after the last."""
+        w, c = self.w, self.w.c
+        nq, nkv, ffn, hd, kvh = w.nq, w.nkv, w.ffn, c.head_dim, c.kv_heads
+        T, end = len(new), pos + len(new)
+        rope = w.rope[pos:end][:, None, :]
+        hidden = np.arange(end)[None, :] > np.arange(pos, end)[:, None]  # (T, end): key j after query i's position
+        x = w.emb[np.asarray(new)]  # (T, dim), a copy
+        for (an, wqkv, wo, fn, w13, w2), (kc, vc) in zip(w.layers, self.kv):
+            qkv = rms_rows(x, an, w.eps) @ wqkv
+            q = rotate(qkv[:, :nq], rope, c.n_heads).reshape(T, kvh, w.rep, hd).transpose(1, 2, 0, 3)
+            kc[:, pos:end] = rotate(qkv[:, nq : nq + nkv], rope, kvh).transpose(1, 0, 2)
+            vc[:, pos:end] = qkv[:, nq + nkv :].reshape(T, kvh, hd).transpose(1, 0, 2)
+            att = np.matmul(q, kc[:, None, :end].transpose(0, 1, 3, 2))  # (kv_heads, rep, T, end)
+            att[..., hidden] = -np.inf
+            att = np.exp((att - att.max(axis=-1, keepdims=True)) * w.scale)
+            att /= att.sum(axis=-1, keepdims=True)
+            x += np.matmul(att, vc[:, None, :end]).transpose(2, 0, 1, 3).reshape(T, nq) @ wo
+            h13 = rms_rows(x, fn, w.eps) @ w13
+            h = h13[:, :ffn]
+            x += (h / (np.float32(1.0) + np.exp(-h)) * h13[:, ffn:]) @ w2
+        return self._rms(x[-1], w.norm) @ w.wcls
+
+
+class NumpyLlama:
+    """A standard llama (no runtime_blockers) in fp32 numpy, for generation only: what chat asks of a model
+    (`config`, `num_params()`, `sampling_defaults()`, `make_decoder()`), loaded without torch."""
+
+    is_encoder_decoder = False
+
+    def __init__(self, config, tensors: Mapping[str, np.ndarray]):
+        self.config = config
+        self.weights = DecodeWeights(config, tensors)
+        self._params = sum(a.size for a in tensors.values())
+
+    @classmethod
+    def from_tensors(cls, config, tensors: Mapping[str, np.ndarray]) -> NumpyLlama | None:
+        """None unless the config is a standard llama and `tensors` are exactly its fp32 weights (a tied model's
+        output.weight may be there too); the caller then loads the torch model, whose loader says what is wrong."""
+        shapes = tensor_shapes(config) if config.standard else None
+        extra = set(tensors) - set(shapes or ()) - ({"output.weight"} if config.tie_embeddings else set())
+        if shapes is None or extra or any(
+                n not in tensors or tensors[n].shape != s or tensors[n].dtype != np.float32 for n, s in shapes.items()):
             return None
-        return torch.from_numpy(self._rms(x, w.norm) @ w.wcls)
+        return cls(config, {n: tensors[n] for n in shapes})
+
+    def num_params(self) -> int:
+        return self._params
+
+    def sampling_defaults(self) -> dict:
+        return {}
+
+    def make_decoder(self) -> LlamaCPUDecoder:
+        return LlamaCPUDecoder(self.weights)

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
+import numpy as np
 
 from toolkit import generate as G
 
@@ -67,7 +67,7 @@ class _Slot:
     def __init__(self, dec, prompt: list[int]):
         self.dec, self.max_len = dec, dec.max_len
         self.last: int | None = None  # the token just yielded: the batched step feeds it next round
-        self.pending: tuple[int, torch.Tensor] | None = None
+        self.pending: tuple[int, np.ndarray] | None = None
         # the prompt, while its tokens go through the batched step (the job's stream starts once they are all in);
         # a long one runs on the job's own decoder in one forward instead
         self.prompt = list(prompt) if 1 < len(prompt) <= min(self.PREFILL_MAX, self.max_len - 1) else None
@@ -215,7 +215,7 @@ class Scheduler:
             r.dec.done.append(token)
             if i in row_of:
                 r.prompt = None
-                r.pending = (len(r.dec.done), torch.from_numpy(logits[row_of[i]]))
+                r.pending = (len(r.dec.done), logits[row_of[i]])
 
     @staticmethod
     def _lead(run: _Running, piece: str) -> str:

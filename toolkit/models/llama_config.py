@@ -1,0 +1,69 @@
+"""The llama family's Config, apart from its Model so that it loads without PyTorch: a recipe names it, and
+`lmkit chat` runs a standard fp32 llama in numpy (toolkit.models.llama_cpu) without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from toolkit.errors import check, check_choice
+
+
+@dataclass(frozen=True)
+class Config:
+    family: ClassVar[str] = "llama"
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 0  # 0 = n_heads
+    vocab_size: int = 0  # 0 = the tokenizer's
+    hidden_dim: int = 0  # 0 = multiple_of-rounded 2/3 * 4 * dim (llama2.c)
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # modern small-model switches (recipes/llama_fast.toml); the defaults are llama2.c's model
+    qk_norm: bool = False  # RMS-normalise queries and keys per head after RoPE (no gain), as nanochat
+    mlp: str = "swiglu"  # swiglu (w2(silu(w1 x) * w3 x)) | relu2 (w2(relu(w1 x)^2), no w3)
+    zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
+    logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
+
+    def __post_init__(self):
+        check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim", "positive dim, n_layers, n_heads")
+        check(self.dim % self.n_heads == 0, "n_heads", f"a divisor of dim={self.dim}, got {self.n_heads}")
+        check((self.dim // self.n_heads) % 2 == 0, "n_heads", "an even head size (dim / n_heads) for RoPE")
+        check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
+              f"a divisor of n_heads={self.n_heads} (or 0 for n_heads), got {self.n_kv_heads}")
+        check(self.vocab_size >= 0, "vocab_size", "0 (the tokenizer's) or a positive size")
+        check(self.multiple_of > 0, "multiple_of", "a positive integer")
+        check(self.max_seq_len > 0, "max_seq_len", "a positive length")
+        check(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
+        check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
+        check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
+
+    def runtime_blockers(self) -> list[str]:
+        """The switches that llama2.c's run.c, transformers' LlamaForCausalLM and llama.cpp's llama cannot run:
+        exporters refuse a model that has any."""
+        return [name for name, on in (("qk_norm", self.qk_norm), ("mlp = relu2", self.mlp != "swiglu"),
+                                      ("logit_softcap", self.logit_softcap > 0)) if on]
+
+    @property
+    def standard(self) -> bool:
+        return not self.runtime_blockers()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
