@@ -159,7 +159,10 @@ def test_chat_on_a_cpu_runs_without_torch_and_says_the_same(sp, tmp_path, tie):
     for target in (run, tmp_path / "bin" / "model.bin", tmp_path / "q8" / "model.bin"):
         torch_model = C.load_target(target).model  # the default: the torch Model
         assert type(torch_model).__module__ == "toolkit.models.llama"
-        assert type(C.load_target(target, device="cpu", numpy=True).model).__name__ == "NumpyLlama"
+        numpy_model = C.load_target(target, device="cpu", numpy=True).model
+        assert type(numpy_model).__name__ == "NumpyLlama" and numpy_model.num_params() == torch_model.num_params()
+        greedy = G.Sampling(temperature=0)
+        assert G.generate(numpy_model, [1, 5, 6], 20, greedy) == G.generate(torch_model, [1, 5, 6], 20, greedy)
         for flags, sampling in ((["-t", "0"], G.Sampling(temperature=0)),
                                 (["-t", "1", "--seed", "5"], G.Sampling(temperature=1.0, top_p=0.9, seed=5))):
             want = []

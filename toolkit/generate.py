@@ -187,10 +187,11 @@ def _inference_mode():
 def stream(model_or_decoder, prompt_ids: Sequence[int], max_new_tokens: int = 256, sampling: Sampling = Sampling(),
            stop_ids: Sequence[int] = (), stats: Stats | None = None,
            generator: np.random.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids after `prompt_ids`, one forward each (of the decoder given, or a torch model's
+    """Yield new token ids after `prompt_ids`, one forward each (of the decoder given, or the model's
     `decoder_for`), until a stop id (not yielded), max_new_tokens or, for a KV-cache model, the end of its context. A prompt longer than the context is cut from the left.
     `stats` (if given) is filled in as it goes; closing the generator early records "interrupted"."""
-    dec = decoder_for(model_or_decoder) if _torch_module(model_or_decoder) else model_or_decoder
+    is_decoder = callable(getattr(model_or_decoder, "logits", None))  # a model (torch, or NumpyLlama) has none
+    dec = model_or_decoder if is_decoder else decoder_for(model_or_decoder)
     stats = stats if stats is not None else Stats()
     generator = generator if generator is not None else make_generator(sampling.seed)
     ids = list(prompt_ids)
