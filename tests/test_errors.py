@@ -77,6 +77,12 @@ def test_negative_temperature_is_refused(tiny_recipe, tmp_path, capsys):
     assert code == 1 and "--temperature -1" in err and out == ""
 
 
+def test_an_unknown_device_is_one_line(tmp_path, capsys):
+    code, out, err = lmkit(capsys, "chat", str(tmp_path / "run"), "--device", "gpu0", "--prompt", "a")
+    assert code == 1 and "--device gpu0: expected auto, cpu, cuda, cuda:N or mps" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_second_train_into_the_same_run_folder_is_refused(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

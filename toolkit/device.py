@@ -28,7 +28,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
 
 
 def keep_freed_memory() -> bool:
