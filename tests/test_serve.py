@@ -254,6 +254,22 @@ def test_health_and_generate(base):
     assert httpx.get(base.url + "/health").json()["requests_served"] == before + 1
 
 
+def test_a_cpu_server_runs_the_llama_without_torch_and_answers_as_the_torch_model(base, client, runs):
+    """Where no GPU can be, `lmkit serve` loads a standard llama straight into numpy (no PyTorch in the process:
+    a third of the memory, a third of the start-up) and answers what the torch-loaded model generates."""
+    from toolkit import chat as C
+
+    if C.accelerator_possible() or not Path(f"/proc/{base.proc.pid}/maps").is_file():
+        pytest.skip("a GPU could be here (the server loads torch), or no /proc to look into")
+    assert "libtorch" not in Path(f"/proc/{base.proc.pid}/maps").read_text()
+    target = C.load_target(runs / "base")  # the torch Model, in this process
+    ids = target.tokenizer.encode("Once upon a time")
+    want = G.generate(target.model, [target.tokenizer.bos_id] + ids, 16, G.Sampling(temperature=0),
+                      stop_ids=G.stop_ids_for(target.tokenizer))
+    got = client.completions.create(model="base", prompt="Once upon a time", max_tokens=16, temperature=0)
+    assert got.choices[0].text == target.tokenizer.decode(want) and got.usage.completion_tokens == len(want)
+
+
 def test_chat_template_run(servers):
     c = servers["chat"].client()
     assert c.models.list().data[0].model_extra["chat_template"] == "llama2"

@@ -58,8 +58,8 @@ def accelerator_possible() -> bool:
 def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "cpu", numpy: bool = False) -> Target:
     """A run folder, a Hugging Face llama folder, a .gguf file, or a llama2.c model.bin (with -z tokenizer.bin, or
     the one beside it). `device`: auto, cpu, cuda[:N] or mps. `numpy`: where that is the CPU, a standard fp32
-    llama in a run folder or a .bin loads as a llama_cpu.NumpyLlama, without importing torch (chat's start-up;
-    the server wants the torch model)."""
+    llama in a run folder or a .bin loads as a llama_cpu.NumpyLlama, without importing torch (`lmkit chat` and
+    `lmkit serve`: start-up, and one copy of the weights instead of torch's and the numpy decoder's)."""
     from toolkit.run import is_run, load_run
 
     if numpy and (device == "cpu" or (device == "auto" and not accelerator_possible())):

@@ -15,7 +15,7 @@ or an in-fill, the same mode for every sample:
                 up to infill_length tokens are generated and [generated, postfix] is appended, so the postfix
                 "motif" recurs (the seed's additive in-fill)
 Generation is toolkit.generate.stream over `model.condition(encoder ids)` (the encoder's output and the
-cross-attention keys and values computed once per step), with one torch.Generator for the whole rollout.
+cross-attention keys and values computed once per step), with one random Generator for the whole rollout.
 Only the codebook0 layout (the seed's) is supported so far.
 """
 
@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from toolkit import console
 from toolkit.errors import UserError
@@ -158,6 +157,8 @@ def extend_tapes(model, prompts: np.ndarray, s: RolloutSettings, rng: np.random.
                  generator: np.random.Generator, code_ids: int, on_step=None) -> tuple[list[list[int]], list[dict]]:
     """Roll out one tape per prompt for s.iterations; returns the tapes and, per iteration, its mode and the
     new tokens per sample. Ids at or above `code_ids` (the specials) end a generation."""
+    import torch
+
     from toolkit.generate import Sampling, stream
 
     c = model.config

@@ -42,7 +42,6 @@ def serve(
     streaming, /v1/generate), /health, and a chat page at /. A T5 audio run (trained on codes) serves audio
     rollout jobs instead: /v1/audio/rollouts (docs/serve.md)."""
     from toolkit import chat as chat_lib
-    from toolkit.device import resolve_device
     from toolkit.serve import ServeSettings, create_app
     from toolkit.serve.server import bind, run
 
@@ -56,18 +55,18 @@ def serve(
     try:
         settings = ServeSettings(api_key=api_key, cors=tuple(cors or ()), max_queue=max_queue,
                                  max_active=max_active, timeout=timeout, batch=batch)
-        dev = str(resolve_device(device))
-        audio_run = _audio_run(Path(target), dev)
-        if audio_run is not None:
+        audio = _audio_run(Path(target), device)
+        if audio is not None:
             from toolkit.serve import AudioSettings, create_audio_app
 
+            audio_run, dev = audio
             folder = jobs or _jobs_dir(Path(target))
             app = create_audio_app(audio_run, settings, AudioSettings(folder, codec, tuple(data or ()), dev))
             name, what = Path(target).resolve().name, f"audio rollout jobs /v1/audio/rollouts, kept in {folder}"
         else:
             if jobs or codec or data:
                 raise UserError("--jobs, --codec and --data are for a T5 audio run (rollout jobs)")
-            t = chat_lib.load_target(target, tokenizer, dev)
+            t = chat_lib.load_target(target, tokenizer, device, numpy=True)  # on a CPU: a llama without torch
             app = create_app(t, settings)
             name, what = Path(t.name).name, "chat page /, OpenAI API /v1"
     except BaseException:
@@ -81,8 +80,8 @@ def serve(
 
 
 def _audio_run(path: Path, device: str):
-    """The loaded run when `path` is a run folder of a T5 over audio codes, else None (read from the recipe and the
-    tokenizer before any weights)."""
+    """(the loaded run, its device) when `path` is a run folder of a T5 over audio codes, else None (read from the
+    recipe and the tokenizer before any weights)."""
     from toolkit import recipe as recipe_lib
     from toolkit import run as run_lib
 
@@ -94,10 +93,12 @@ def _audio_run(path: Path, device: str):
         return None
     if recipe.tokenizer.kind != "audio" or recipe.model.family != "t5":
         return None
+    from toolkit.device import resolve_device
     from toolkit.serve import is_audio_run
 
+    device = str(resolve_device(device))
     run = run_lib.load_run(path, device)
-    return run if is_audio_run(run) else None
+    return (run, device) if is_audio_run(run) else None
 
 
 def _jobs_dir(run: Path) -> Path:

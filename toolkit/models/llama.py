@@ -163,7 +163,7 @@ class Model(LanguageModel):
 
         p = self.tok_embeddings.weight
         numpy_ok = p.device.type == "cpu" and p.dtype == torch.float32 and self.config.standard
-        return LlamaBatch(self) if numpy_ok else None
+        return LlamaBatch(decode_weights(self)) if numpy_ok else None
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B, as llama2.c's estimate_mfu."""

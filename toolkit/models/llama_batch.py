@@ -14,13 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit.models.llama_cpu import LlamaCPUDecoder, decode_weights, rms_rows, rotate
+from toolkit.models.llama_cpu import DecodeWeights, LlamaCPUDecoder, rms_rows, rotate
 
 
 class LlamaBatch:
-    def __init__(self, model):
-        self.model = model
-        self.w = decode_weights(model)  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
+    def __init__(self, weights: DecodeWeights):
+        self.w = weights  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
 
     def new_decoder(self) -> LlamaCPUDecoder:
         return LlamaCPUDecoder(self.w)

@@ -170,8 +170,9 @@ class LlamaCPUDecoder(PrefixCacheDecoder):
 
 
 class NumpyLlama:
-    """A standard llama (no runtime_blockers) in fp32 numpy, for generation only: what chat asks of a model
-    (`config`, `num_params()`, `sampling_defaults()`, `make_decoder()`), loaded without torch."""
+    """A standard llama (no runtime_blockers) in fp32 numpy, for generation only: what chat and the server ask of
+    a model (`config`, `num_params()`, `sampling_defaults()`, `eval()`, `make_decoder()`, `make_batch_decoder()`),
+    loaded without torch."""
 
     is_encoder_decoder = False
 
@@ -197,5 +198,13 @@ class NumpyLlama:
     def sampling_defaults(self) -> dict:
         return {}
 
+    def eval(self) -> NumpyLlama:
+        return self
+
     def make_decoder(self) -> LlamaCPUDecoder:
         return LlamaCPUDecoder(self.weights)
+
+    def make_batch_decoder(self):
+        from toolkit.models.llama_batch import LlamaBatch
+
+        return LlamaBatch(self.weights)
