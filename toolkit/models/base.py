@@ -68,7 +68,7 @@ class LanguageModel(nn.Module):
 
     def make_batch_decoder(self):
         """A decoder that steps many sequences in one forward (the server's batched decoding: an object with
-        `step(decoders, tokens, positions, ...)`, see toolkit/models/llama_batch.py), or None: requests are
+        `step(decoders, tokens, positions, ...)`, see toolkit/models/llama_cpu.py), or None: requests are
         interleaved one forward each."""
         return None
 
