@@ -453,12 +453,14 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                 window_steps = 0
                 window_start = clock()
             t_eval = clock()
+            gathered = None
             if is_eval:
                 ev = validate(s)
                 s.best_val = min(s.best_val, ev["val_loss"])
                 log(s, {"step": s.step, **ev})
                 last.update(ev)
-                sampled = model_to_sample(s)  # a collective when the model is sharded
+                gathered = gather_for_save(s)  # a sharded model's full state, once for the samples and the save
+                sampled = model_to_sample(s, gathered[0])
                 if d.master:
                     bpb = f" bpb {ev['val_bpb']:.3f}" if ev["val_bpb"] else ""
                     console.print(f"step {s.step}: val loss {ev['val_loss']:.4f} ppl {ev['val_ppl']:.2f}{bpb}"
@@ -466,7 +468,7 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
                     after_eval(s, sampled)
             if is_ckpt or stopping:
                 s.wall_s = wall_at_start + clock() - start_time
-                save(s)
+                save(s, gathered)
             if is_eval:
                 eval_s = max(eval_s, clock() - t_eval)
             s.wall_s = wall_at_start + clock() - start_time
@@ -516,18 +518,26 @@ def log(s: Session, record: dict) -> None:
             s.board.scalars(record)
 
 
-def model_to_sample(s: Session):
+def model_to_sample(s: Session, full_weights: dict | None = None):
     """The model the eval samples come from: the training model, or for a sharded one (FSDP) an unsharded copy
-    built on rank 0 from its gathered weights (a sharded forward needs every rank; rank 0 alone samples). Every
-    rank calls this; the others get None."""
+    built on rank 0 from its full weights (`gather_for_save`'s, tied aliases left out; a sharded forward needs
+    every rank, rank 0 alone samples). The other ranks get None."""
     if not (s.recipe.eval.prompts and distributed.is_sharded(s.raw_model)):
         return s.raw_model
-    weights = distributed.gather_full_weights(s.raw_model)
-    if weights is None:
+    if full_weights is None:
         return None
     model = models.build(s.recipe.model, s.tok.vocab_size, init=False)
-    model.load_state_dict(weights)
+    aliases = {alias: full_weights[first] for alias, first in distributed.tied_aliases(model).items()}
+    model.load_state_dict({**full_weights, **aliases}, assign=True)  # the gathered tensors themselves: no copy
     return model
+
+
+def gather_for_save(s: Session) -> tuple[dict | None, list | None]:
+    """A sharded model's (full weights, full optimizer states) on rank 0, as `save` writes them; (None, None) on
+    the other ranks and for an unsharded model. A collective: every rank calls it."""
+    if not distributed.is_sharded(s.raw_model):
+        return None, None
+    return distributed.gather_full_state(s.raw_model, s.optimizers)
 
 
 def after_eval(s: Session, sampled) -> None:
@@ -569,13 +579,12 @@ def validate(s: Session) -> dict:
 NEXT_WEIGHTS = "model.next.safetensors"  # a checkpoint's new weights until its state.pt is in place
 
 
-def save(s: Session) -> None:
+def save(s: Session, gathered: tuple[dict | None, list | None] | None = None) -> None:
     """The new weights beside the old ones (model.next.safetensors), then the training state, then the new weights
     in place: each written atomically, and state.pt's rename commits the checkpoint. A kill between two steps
-    leaves a pair whose steps agree once resume has run `finish_checkpoint`."""
-    weights = optimizer_states = None
-    if distributed.is_sharded(s.raw_model):  # FSDP: every rank takes part in gathering the full tensors to rank 0
-        weights, optimizer_states = distributed.gather_full_state(s.raw_model, s.optimizers)
+    leaves a pair whose steps agree once resume has run `finish_checkpoint`. `gathered`: `gather_for_save`'s, when
+    this step's eval has gathered them already (FSDP: every rank takes part in a gather)."""
+    weights, optimizer_states = gathered if gathered is not None else gather_for_save(s)
     if not s.d.master:
         return
     run_lib.save_weights(s.raw_model if weights is None else FullWeights(weights), s.run_dir / NEXT_WEIGHTS, s.step)
