@@ -65,21 +65,9 @@ def _layer(i: int, name: str) -> str:
 
 def _shapes(h: Header) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape by llama2.c parameter name (the order of this dict is not a file order)."""
-    D, F, L, V = h.dim, h.hidden_dim, h.n_layers, h.vocab_size
-    s: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
-    for i in range(L):
-        s[_layer(i, "attention_norm")] = (D,)
-        s[_layer(i, "ffn_norm")] = (D,)
-        s[_layer(i, "wq")] = (h.n_heads * h.head_size, D)
-        s[_layer(i, "wk")] = (h.kv_dim, D)
-        s[_layer(i, "wv")] = (h.kv_dim, D)
-        s[_layer(i, "wo")] = (D, h.n_heads * h.head_size)
-        s[_layer(i, "w1")] = (F, D)
-        s[_layer(i, "w2")] = (D, F)
-        s[_layer(i, "w3")] = (F, D)
-    if not h.shared_classifier:
-        s["output.weight"] = (V, D)
-    return s
+    from toolkit.models.llama_config import tensor_shapes
+
+    return tensor_shapes(model_config(h))
 
 
 def _per_layer(h: Header, *names: str) -> list[str]:

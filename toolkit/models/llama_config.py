@@ -67,3 +67,20 @@ class Config:
             return self.hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def tensor_shapes(c) -> dict[str, tuple[int, ...]]:
+    """The shape of each weight of a llama by parameter name (toolkit.models.llama's, llama2.c's), output.weight
+    only when untied: what a .bin, a run folder and the numpy decoder hold."""
+    d, hd = c.dim, c.head_dim
+    shapes = {"tok_embeddings.weight": (c.vocab_size, d), "norm.weight": (d,)}
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention_norm.weight": (d,), p + "attention.wq.weight": (c.n_heads * hd, d),
+                       p + "attention.wk.weight": (c.kv_heads * hd, d), p + "attention.wv.weight": (c.kv_heads * hd, d),
+                       p + "attention.wo.weight": (d, c.n_heads * hd), p + "ffn_norm.weight": (d,),
+                       p + "feed_forward.w1.weight": (c.ffn_dim, d), p + "feed_forward.w2.weight": (d, c.ffn_dim),
+                       p + "feed_forward.w3.weight": (c.ffn_dim, d)})
+    if not c.tie_embeddings:
+        shapes["output.weight"] = (c.vocab_size, d)
+    return shapes

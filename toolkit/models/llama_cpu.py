@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from toolkit.models.decoding import PrefixCacheDecoder
+from toolkit.models.llama_config import tensor_shapes
 
 
 def rope_table(head_dim: int, max_len: int, theta: float) -> np.ndarray:
@@ -46,27 +47,10 @@ def rotate(x: np.ndarray, rope: np.ndarray, heads: int) -> np.ndarray:
     return (np.ascontiguousarray(x).view(np.complex64).reshape(len(x), heads, -1) * rope).view(np.float32)
 
 
-def tensor_shapes(c) -> dict[str, tuple[int, ...]]:
-    """The fp32 tensors of a llama (toolkit.models.llama's parameter names, llama2.c's), output.weight only when
-    untied."""
-    d, hd = c.dim, c.head_dim
-    shapes = {"tok_embeddings.weight": (c.vocab_size, d), "norm.weight": (d,)}
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attention_norm.weight": (d,), p + "attention.wq.weight": (c.n_heads * hd, d),
-                       p + "attention.wk.weight": (c.kv_heads * hd, d), p + "attention.wv.weight": (c.kv_heads * hd, d),
-                       p + "attention.wo.weight": (d, c.n_heads * hd), p + "ffn_norm.weight": (d,),
-                       p + "feed_forward.w1.weight": (c.ffn_dim, d), p + "feed_forward.w2.weight": (d, c.ffn_dim),
-                       p + "feed_forward.w3.weight": (c.ffn_dim, d)})
-    if not c.tie_embeddings:
-        shapes["output.weight"] = (c.vocab_size, d)
-    return shapes
-
-
 class DecodeWeights:
     """The decode-time copy of a llama's weights (fp32 numpy), shared by every decoder of one model: the batch-1
     decoder and the server's batched step (LlamaBatch) read the same arrays. `tensors` by parameter name, as
-    `tensor_shapes(config)` lists them."""
+    `llama_config.tensor_shapes(config)` lists them."""
 
     def __init__(self, c, tensors: Mapping[str, np.ndarray]):
         def t(*names):
@@ -236,12 +220,12 @@ class NumpyLlama:
 
     @classmethod
     def from_tensors(cls, config, tensors: Mapping[str, np.ndarray]) -> NumpyLlama | None:
-        """None unless the config is a standard llama and `tensors` are exactly its fp32 weights (a tied model's
-        output.weight may be there too); the caller then loads the torch model, whose loader says what is wrong."""
-        shapes = tensor_shapes(config) if config.standard else None
-        extra = set(tensors) - set(shapes or ()) - ({"output.weight"} if config.tie_embeddings else set())
-        if shapes is None or extra or any(
-                n not in tensors or tensors[n].shape != s or tensors[n].dtype != np.float32 for n, s in shapes.items()):
+        """None unless `tensors` are exactly the fp32 weights of this standard llama (a tied model's output.weight
+        may be there too); the caller then loads the torch model, whose loader says what is wrong."""
+        shapes = tensor_shapes(config)
+        extra = set(tensors) - set(shapes) - ({"output.weight"} if config.tie_embeddings else set())
+        if extra or any(n not in tensors or tensors[n].shape != s or tensors[n].dtype != np.float32
+                        for n, s in shapes.items()):
             return None
         return cls(config, {n: tensors[n] for n in shapes})
 
