@@ -383,6 +383,26 @@ def test_batched_rounds_give_each_request_what_it_gets_alone(target):
     assert max(batched) == 8 and min(batched) < 8  # all eight in one forward, fewer as they left
 
 
+def test_a_prompt_is_prefilled_in_one_pass_not_a_token_a_round(target):
+    """A job's prompt runs on its own decoder in one pass: the batched rounds start at its first generated token
+    (fed a token a round, a 30-token prompt waited 30 rounds for its first token)."""
+    tok = target.tokenizer
+    prompt = [tok.bos_id] + tok.encode("the cat sat on the mat and ran")
+    n = 8
+    assert 20 < len(prompt) < target.model.config.max_seq_len - n
+    s = Scheduler(target.model, tok)
+    fed, step = [], s.batch.step
+    s.batch.step = lambda decs, toks, pos: (fed.extend(pos), step(decs, toks, pos))[1]
+    try:
+        _, events, _, done = collect_jobs(s, [(prompt, n)])
+        assert done.wait(30)
+    finally:
+        s.close()
+    alone = G.generate(G.decoder_for(target.model), prompt, n, G.Sampling(temperature=0), G.stop_ids_for(tok))
+    assert "".join(e.text for e in events[0]) == tok.decode(alone)
+    assert len(alone) > 1 and sorted(fed) == list(range(len(prompt), len(prompt) + len(alone) - 1))
+
+
 def test_cancel_stops_the_work_and_timeout_reports(target):
     """Cancelled from inside its first event (as a client going away would): no more work, nothing more sent."""
     tok = target.tokenizer

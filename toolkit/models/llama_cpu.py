@@ -170,12 +170,9 @@ class LlamaBatch:
     def new_decoder(self) -> LlamaCPUDecoder:
         return LlamaCPUDecoder(self.w)
 
-    def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int],
-             rows: Sequence[int] | None = None) -> np.ndarray:
+    def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """Feed tokens[i] at positions[i] to decoders[i] (its cache holds positions 0..positions[i] - 1); write
-        their keys and values into each one's cache; return the next-token logits of `rows` (default: all), one
-        row each: (len(rows), vocab). A prompt token fed this way needs no logits, and the classifier is the
-        largest product of the step."""
+        their keys and values into each one's cache; return each one's next-token logits: (B, vocab)."""
         w, c, B = self.w, self.w.c, len(decoders)
         nq, nkv, ffn, hd, rep = w.nq, w.nkv, w.ffn, c.head_dim, w.rep
         pos = np.asarray(positions)
@@ -201,8 +198,6 @@ class LlamaBatch:
             h13 = rms_rows(x, fn, w.eps) @ w13
             h = h13[:, :ffn]
             x += (h / (np.float32(1.0) + np.exp(-h)) * h13[:, ffn:]) @ w2
-        if rows is not None:
-            x = x[list(rows)]
         return rms_rows(x, w.norm, w.eps) @ w.wcls
 
 

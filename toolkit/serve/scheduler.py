@@ -7,8 +7,8 @@ their deadline. Every job's tokens come from `generate.stream`, the one loop, wi
 
 Batched (a model whose make_batch_decoder() gives one: llama on CPU, fp32): a round is ONE forward for every job past its prompt
 (`LlamaBatch.step`, each row at its own position over its own cache), whose logits rows are then handed to each
-job's `generate.stream` through its `_Slot` decoder; a new job's prompt runs on its own decoder in its first
-round. Other models are interleaved: a round is one `generate.stream` step per job, so 8 streams each get about
+job's `generate.stream` through its `_Slot` decoder; a new job's prompt runs on its own decoder, in one batched
+pass, in its first round. Other models are interleaved: a round is one `generate.stream` step per job, so 8 streams each get about
 1/8 of the single-stream speed. Either way a long prompt's prefill holds the round up while it runs.
 
 Events go back through each job's `emit` (called on the worker thread; the API hands them to its event loop).
@@ -58,19 +58,18 @@ class Job:
 
 class _Slot:
     """A job's decoder when batching: `logits(ids)` hands over the row the batched step computed for exactly these
-    ids (`pending`), else (the prompt, or after a failed batched step) runs the job's own decoder."""
+    ids (`pending`), else (the prompt, or after a failed batched step) runs the job's own decoder.
+
+    The prompt always runs on the job's own decoder, in one batched pass: fed through the round a token at a time,
+    a 49-token prompt waited 49 rounds for its first token (time to first token 130-170 ms against 21 ms, one
+    client; docs/serve.md)."""
 
     sliding = False
 
-    PREFILL_MAX = 64  # prompts up to this long are fed through the batched step, a token per round
-
-    def __init__(self, dec, prompt: list[int]):
+    def __init__(self, dec):
         self.dec, self.max_len = dec, dec.max_len
         self.last: int | None = None  # the token just yielded: the batched step feeds it next round
         self.pending: tuple[int, np.ndarray] | None = None
-        # the prompt, while its tokens go through the batched step (the job's stream starts once they are all in);
-        # a long one runs on the job's own decoder in one forward instead
-        self.prompt = list(prompt) if 1 < len(prompt) <= min(self.PREFILL_MAX, self.max_len - 1) else None
 
     def logits(self, ids):
         pending, self.pending = self.pending, None
@@ -85,7 +84,7 @@ class _Running:
     def __init__(self, job: Job, model, tok, stop_ids, batch):
         self.job = job
         self.stats = G.Stats()
-        self.slot = _Slot(batch.new_decoder(), job.prompt_ids) if batch is not None else None
+        self.slot = _Slot(batch.new_decoder()) if batch is not None else None
         self.gen = G.stream(self.slot or G.decoder_for(model), job.prompt_ids, job.max_tokens, job.sampling,
                             stop_ids, self.stats)
         self.text = G.TextStream(tok, job.prompt_ids)
@@ -137,8 +136,6 @@ class Scheduler:
             if self.batch is not None:
                 self._batch_step()
             for run in list(self.active):
-                if run.slot is not None and run.slot.prompt is not None and not run.job.cancelled.is_set():
-                    continue  # its prompt is still going through the batched step
                 if not self._advance(run):
                     self.active.remove(run)
                     run.gen.close()  # frees the decoder and its cache with the run
@@ -181,41 +178,27 @@ class Scheduler:
         return True
 
     def _batch_step(self) -> None:
-        """One forward for every job that will ask for its next logits (it has yielded a token) or is still feeding
-        its prompt; each gets its row."""
-        rows, tokens, want = [], [], []
+        """One forward for every job that will ask for its next logits (it has yielded a token); each gets its row."""
+        rows, tokens = [], []
         for run in self.active:
             slot = run.slot
-            if slot is None or run.job.cancelled.is_set():
+            if slot is None or run.job.cancelled.is_set() or slot.last is None:
                 continue
-            if slot.prompt is not None:  # the prompt, a token a round; logits after its last one
-                n = len(slot.dec.done)
+            # generate.stream asks for logits next unless the job is at max_tokens or the end of the context
+            if run.stats.new_tokens < run.job.max_tokens and len(slot.dec.done) + 1 < slot.max_len:
                 rows.append(slot)
-                tokens.append(slot.prompt[n])
-                want.append(n + 1 == len(slot.prompt))
-            elif slot.last is not None:
-                # generate.stream asks for logits next unless the job is at max_tokens or the end of the context
-                if run.stats.new_tokens < run.job.max_tokens and len(slot.dec.done) + 1 < slot.max_len:
-                    rows.append(slot)
-                    tokens.append(slot.last)
-                    want.append(True)
-                slot.last = None
+                tokens.append(slot.last)
+            slot.last = None
         if not rows:
             return
-        picked = [i for i, w in enumerate(want) if w]
         try:
-            logits = self.batch.step([r.dec for r in rows], tokens, [len(r.dec.done) for r in rows], picked)
-        except Exception as e:  # noqa: BLE001 - each job then runs its own decoder, which redoes the positions
+            logits = self.batch.step([r.dec for r in rows], tokens, [len(r.dec.done) for r in rows])
+        except Exception as e:  # noqa: BLE001 - each job then runs its own decoder, which redoes the position
             traceback.print_exception(e, file=sys.stderr)
-            for r in rows:
-                r.prompt = None
             return
-        row_of = {i: j for j, i in enumerate(picked)}
         for i, (r, token) in enumerate(zip(rows, tokens)):
             r.dec.done.append(token)
-            if i in row_of:
-                r.prompt = None
-                r.pending = (len(r.dec.done), logits[row_of[i]])
+            r.pending = (len(r.dec.done), logits[i])
 
     @staticmethod
     def _lead(run: _Running, piece: str) -> str:
