@@ -128,6 +128,34 @@ def test_muon_updates_of_the_matrices_are_orthogonalised_and_adamw_takes_the_res
     assert s_head.max() / s_head.min() > 3  # AdamW's update is nothing like orthogonal
 
 
+def test_muon_in_bf16_is_torch_muon_bit_for_bit_and_its_fp32_iteration_orthogonalises_as_well():
+    """lmkit's Muon only chooses the Newton-Schulz precision: in bf16 it is torch.optim.Muon exactly (momentum,
+    Nesterov, weight decay, the sqrt(rows / cols) scale); in fp32 (CPUs without native bf16, where torch's bf16
+    matmuls are emulated and 25x slower) its update has the same singular values, about 1."""
+    from toolkit.train.optim import Muon, newton_schulz
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(96, 32, generator=g), torch.randn(32, 96, generator=g), torch.randn(32, 32, generator=g)]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    a = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    b = Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert not torch.equal(ours[0], start[0])
+
+    update = torch.randn(96, 32, generator=g)
+    s32 = torch.linalg.svdvals(newton_schulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32))
+    s16 = torch.linalg.svdvals(newton_schulz(update, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16).float())
+    assert s32.min() > 0.6 and s32.max() < 1.25, s32
+    assert (s32 - s16).abs().max() < 0.05  # the same iteration, bf16 rounding apart
+
+
 def test_a_head_group_on_a_tied_model_is_said_unused_and_a_misspelt_group_is_refused(capsys):
     r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.head.lr=1e-4"])
     optimizers = build_optimizers(build(tie_embeddings=True), r.train, "cpu")
