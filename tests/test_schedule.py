@@ -141,3 +141,36 @@ def test_a_run_that_reads_its_training_split_more_than_4_times_says_so(tiny_reci
     train(recipe_lib.load(tiny_recipe, small + [f"train.max_iters={max(1, 3 * train_tokens // per_step)}"]),
           tmp_path / "few")
     assert "training split" not in capsys.readouterr().err
+
+
+def test_a_warmup_fraction_warms_up_over_that_part_of_the_budget_whatever_the_step_time(tiny_recipe, tmp_path,
+                                                                                        monkeypatch):
+    """warmup_fraction = 0.25 of a 1-minute budget: the first step (where a compile goes) primes the optimizer at
+    lr 0, then the lr rises linearly over the first quarter of the rest, and cosine takes it to the floor at the
+    budget's end. The same fraction at 2 s and at 1 s a step: warm-up is a share of the budget, not a step count."""
+    import json
+
+    from toolkit import recipe as recipe_lib
+    from toolkit.train.loop import train
+
+    sets = ["train.max_minutes=1", "train.warmup_iters=1000", "train.warmup_fraction=0.25", "train.eval_interval=1000",
+            "train.min_lr=0", "train.log_interval=1", "train.plot=false"]
+    peaks = []
+    for step_s in (2.0, 1.0):
+        FakeClock(monkeypatch, step_s=step_s, eval_s=0.0)
+        out = tmp_path / f"s{step_s}"
+        summary = train(recipe_lib.load(tiny_recipe, sets), out)
+        lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+        steps = round(60 / step_s)
+        assert summary["step"] == len(lrs) == steps  # the budget, used to the end
+        assert lrs[0] == 0.0 and lrs[1] == 0.0  # the first step, then the schedule's start (0 % of it done)
+        peak = max(lrs)
+        assert peak == pytest.approx(3e-3, rel=0.05)  # warmup_iters = 1000 steps did not apply
+        # the ramp: linear in the budget, one step's share of a quarter of the budget each step
+        ramp = [lr for lr in lrs[1:] if lr < peak * 0.999][: lrs.index(peak) - 1]
+        rise = [b - a for a, b in zip(ramp, ramp[1:])]
+        assert all(r == pytest.approx(rise[0], rel=1e-6) for r in rise)
+        assert rise[0] == pytest.approx(3e-3 * step_s / (60 - step_s) / 0.25, rel=1e-6)
+        peaks.append(lrs.index(peak) / steps)
+        assert lrs[-1] < 0.01 * peak and all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1:]))
+    assert peaks[0] == pytest.approx(0.25, abs=0.05) and peaks[1] == pytest.approx(0.25, abs=0.05)

@@ -107,6 +107,7 @@ class TrainConfig:
     warmup_iters: int = 100
     decay_iters: int = 0  # asr: linear decay over the last N steps
     decay_fraction: float = 0.2  # asr in a budgeted run: linear decay over this last fraction of the budget
+    warmup_fraction: float = 0.0  # a budgeted run: warm up over this first fraction of it (0 or no budget: warmup_iters steps)
     # a budget instead of max_iters: the run ends when either is used, with its lr schedule on the fraction done
     max_minutes: float = 0.0  # wall minutes, evals and checkpoints included (0 = no time budget)
     max_tokens: float = 0.0  # training tokens (0 = no token budget)
@@ -142,6 +143,7 @@ class TrainConfig:
         check(self.lr > 0, "lr", "a positive learning rate")
         check(self.max_minutes >= 0 and self.max_tokens >= 0, "max_minutes", "a budget >= 0 (0 = none)")
         check(0 < self.decay_fraction <= 1, "decay_fraction", "a fraction in (0, 1]")
+        check(0 <= self.warmup_fraction < 1, "warmup_fraction", "a fraction in [0, 1) (0 = warmup_iters steps)")
         check(0 <= self.min_lr <= self.lr, "min_lr", "between 0 and lr")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas in [0, 1)")
         check(self.grad_clip >= 0, "grad_clip", "0 (off) or a positive norm")

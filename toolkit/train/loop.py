@@ -143,7 +143,7 @@ class Session:
     board: object = None  # toolkit.plot.TensorBoard when train.tensorboard is on (rank 0)
     terms: dict = field(default_factory=dict)  # the model's named training terms at the last log
     wall_s: float = 0.0  # wall seconds this run has trained, evals and checkpoints included, over all its resumes
-    warmup_done: float | None = None  # the fraction of a budget used when warm-up ended
+    warmup_done: float | None = None  # the fraction of a budget used where its schedule starts (warm-up's end, or the first step's with warmup_fraction)
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
@@ -394,6 +394,7 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
 
     tc, d = s.recipe.train, s.d
     budgeted = bool(tc.max_minutes or tc.max_tokens)
+    schedule_from = 1 if tc.warmup_fraction else tc.warmup_iters  # the step where a budget's schedule starts
     feedback = getattr(s.sampler, "feedback", None)  # a sampler that learns from the losses (T5's curriculum)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last log
     window_start, window_steps = clock(), 0
@@ -410,10 +411,12 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
         task = bar.add_task("train", total=total, completed=0, status="", visible=d.master)
         while budgeted or s.step < tc.max_iters:
             # a budget's schedule runs from the end of warm-up to where training ends (before the final eval's
-            # share of the time), so the lr is continuous at the warm-up's end and reaches its floor at the end
-            if budgeted and s.step >= tc.warmup_iters and s.warmup_done is None:
+            # share of the time), so the lr is continuous at the warm-up's end and reaches its floor at the end.
+            # With warmup_fraction the warm-up is in the schedule, which starts after the first step: that step
+            # (and its compile, which can be a large part of a short budget) runs at lr 0, priming the moments
+            if budgeted and s.step >= schedule_from and s.warmup_done is None:
                 s.warmup_done = min(budget_done(s, eval_s), 0.99)
-            done = None
+            done = 0.0 if budgeted and tc.warmup_fraction else None
             if budgeted and s.warmup_done is not None:
                 done = (budget_done(s, eval_s) - s.warmup_done) / (1.0 - s.warmup_done)
             set_lr(s.optimizers, lr_factor(s.step, tc, done))
