@@ -107,7 +107,7 @@ class TrainConfig:
     warmup_iters: int = 100
     decay_iters: int = 0  # asr: linear decay over the last N steps
     decay_fraction: float = 0.2  # asr in a budgeted run: linear decay over this last fraction of the budget
-    warmup_fraction: float = 0.0  # a budgeted run: warm up over this first fraction of it (0 or no budget: warmup_iters steps)
+    warmup_fraction: float = 0.0  # a budgeted run: warm up over this first fraction (0, no budget: warmup_iters)
     # a budget instead of max_iters: the run ends when either is used, with its lr schedule on the fraction done
     max_minutes: float = 0.0  # wall minutes, evals and checkpoints included (0 = no time budget)
     max_tokens: float = 0.0  # training tokens (0 = no token budget)

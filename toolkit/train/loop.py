@@ -143,7 +143,7 @@ class Session:
     board: object = None  # toolkit.plot.TensorBoard when train.tensorboard is on (rank 0)
     terms: dict = field(default_factory=dict)  # the model's named training terms at the last log
     wall_s: float = 0.0  # wall seconds this run has trained, evals and checkpoints included, over all its resumes
-    warmup_done: float | None = None  # the fraction of a budget used where its schedule starts (warm-up's end, or the first step's with warmup_fraction)
+    warmup_done: float | None = None  # the budget's fraction used where its schedule starts (warm-up's end, or step 1)
 
 
 def train(recipe, run_dir: Path | None = None, resume: bool = False, init_from: Path | None = None,
