@@ -155,6 +155,13 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit_and_its_fp32_iteration_orthogona
     assert s32.min() > 0.6 and s32.max() < 1.25, s32
     assert (s32 - s16).abs().max() < 0.05  # the same iteration, bf16 rounding apart
 
+    # without Nesterov the update is the momentum buffer itself: the fp32 iteration must not normalise it in place
+    w = torch.nn.Parameter(torch.randn(32, 96, generator=g))
+    w.grad = torch.randn(32, 96, generator=g)
+    opt = Muon([w], lr=0.02, nesterov=False, ns_dtype=torch.float32)
+    opt.step()
+    assert torch.allclose(opt.state[w]["momentum_buffer"], 0.05 * w.grad)  # (1 - momentum) x the first gradient
+
 
 def test_a_head_group_on_a_tied_model_is_said_unused_and_a_misspelt_group_is_refused(capsys):
     r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.head.lr=1e-4"])

@@ -59,7 +59,8 @@ def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float]
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T
-    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1; not in place: in fp32 `x` may be the
+    # caller's tensor (the momentum buffer itself without Nesterov)
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
@@ -94,6 +95,7 @@ class Muon(torch.optim.Muon):
 
 
 def muon_ns_dtype(device_type: str) -> torch.dtype:
+    """bf16 as torch.optim.Muon has it, but for a CPU without native bf16."""
     if device_type == "cpu":
         return torch.bfloat16 if cpu_bf16_supported() else torch.float32
     return torch.bfloat16
