@@ -49,9 +49,10 @@ def test_adam8bit_falls_back_to_fp32_adam_without_cuda():
 
 
 class FakeClock:
-    """Time that moves only when the trainer works: a step takes `step_s`, an eval + checkpoint `eval_s`."""
+    """Time that moves only when the trainer works: a step takes `step_s`, an eval + checkpoint `eval_s`, one
+    eval batch alone (the trainer's guess at an eval's time) `eval_batch_s`."""
 
-    def __init__(self, monkeypatch, step_s: float, eval_s: float):
+    def __init__(self, monkeypatch, step_s: float, eval_s: float, eval_batch_s: float = 0.0):
         from toolkit.train import loop
 
         self.t = 0.0
@@ -61,9 +62,9 @@ class FakeClock:
             self.t += step_s
             return real_step(*a, **k)
 
-        def validate(s):
-            self.t += eval_s
-            return real_validate(s)
+        def validate(s, max_batches=0):
+            self.t += eval_batch_s if max_batches == 1 else eval_s
+            return real_validate(s, max_batches)
 
         monkeypatch.setattr(loop, "clock", lambda: self.t)
         monkeypatch.setattr(loop, "train_step", step)
@@ -101,6 +102,23 @@ def test_a_time_budget_ends_at_the_budget_with_a_final_eval_and_the_lr_at_its_fl
     assert train(recipe_lib.load(tmp_path / "b" / "recipe.toml"), tmp_path / "b", resume=True)["step"] == 22
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_time_budget_keeps_room_for_a_final_eval_that_is_its_first(tiny_recipe, tmp_path, monkeypatch):
+    """No eval before the budget's end (eval_interval past its steps): the trainer times one eval batch after the
+    first step and keeps eval_iters times that for the final eval, which then ends inside the budget."""
+    from toolkit import recipe as recipe_lib
+    from toolkit import run as run_lib
+    from toolkit.train.loop import train
+
+    sets = ["train.max_minutes=1", "train.eval_interval=1000", "train.eval_iters=2", "train.plot=false"]
+    FakeClock(monkeypatch, step_s=2.0, eval_s=6.0, eval_batch_s=3.0)
+    summary = train(recipe_lib.load(tiny_recipe, sets), tmp_path / "a")
+    # step 1 ends at 2 s, the timed batch at 5 s; step k ends at 2k + 3 s. The last step is the one after which
+    # another step and the final eval (2 + 2 x 3 s) would pass 60 s: step 25 at 53 s, and the eval ends at 59 s
+    # (without the guess: step 30 at 60 s, and the eval ends at 66 s)
+    assert summary["step"] == 25
+    assert run_lib.load_state(tmp_path / "a" / "state.pt")["wall_s"] == pytest.approx(59.0)
 
 
 def test_a_token_budget_ends_at_the_last_step_that_fits(tiny_recipe, tmp_path):

@@ -82,12 +82,16 @@ class BatchSampler:
         return ""
 
 
+def split_windows(shards: ShardSet, split: str, seq_len: int) -> list[int]:
+    """How many non-overlapping windows of seq_len (+1 for the targets) each shard of `split` holds."""
+    return [(len(a) - 1) // seq_len for a in shards.splits[split]]
+
+
 def eval_windows(shards: ShardSet, split: str, seq_len: int, batch_size: int, max_batches: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Non-overlapping windows from the start of the split, the same for every run and model."""
     which, offsets = [], []
-    for s, a in enumerate(shards.splits[split]):
-        n = (len(a) - 1) // seq_len
+    for s, n in enumerate(split_windows(shards, split, seq_len)):
         which.extend([s] * n)
         offsets.extend(range(0, n * seq_len, seq_len))
     if not offsets:

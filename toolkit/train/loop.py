@@ -34,6 +34,7 @@ from toolkit.device import autocast, keep_freed_memory, peak_flops, resolve_dtyp
 from toolkit.errors import UserError
 from toolkit.evaluate import evaluate
 from toolkit.shards.format import ShardSet
+from toolkit.shards.sampler import split_windows
 from toolkit.train import distributed
 from toolkit.train.distributed import Dist, any_across, barrier, end_distributed, init_distributed, mean_across
 from toolkit.train.metrics import SAMPLES, append_samples, eval_samples, truncate_after
@@ -432,6 +433,8 @@ def fit(s: Session, stop_after: int = 0, time_limit: float = 0.0) -> tuple[dict,
             window_steps += 1
             step_s = clock() - t0 if step_s == 0.0 else 0.9 * step_s + 0.1 * (clock() - t0)
             s.wall_s = wall_at_start + clock() - start_time
+            if tc.max_minutes and s.step == start_step + 1:  # the final eval may be the first: its time, guessed
+                eval_s = eval_seconds_ahead(s)
 
             # what ends the run here, agreed by every rank in one all-reduce (one rank's clock or Ctrl-C alone
             # would leave the others waiting): the budget's last step, Ctrl-C, train time_limit
@@ -572,11 +575,24 @@ def after_eval(s: Session, sampled) -> None:
 # --- validate and save ----------------------------------------------------------------------------------------
 
 
-def validate(s: Session) -> dict:
+def validate(s: Session, max_batches: int = 0) -> dict:
+    """The val metrics on the first train.eval_iters batches (or `max_batches`)."""
     tc = s.recipe.train
     result = evaluate(s.raw_model, s.shards, "val", s.seq_len, s.recipe.eval.batch_size or tc.batch_size,
-                      tc.eval_iters, s.device, s.amp, s.tok.token_bytes())
+                      max_batches or tc.eval_iters, s.device, s.amp, s.tok.token_bytes())
     return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, **result.extras}
+
+
+def eval_seconds_ahead(s: Session) -> float:
+    """How long an eval will take, before one has run (called after the first step, which paid the first-call
+    costs): one val batch timed, times the batches an eval reads. The samples and the checkpoint are measured at
+    the first eval."""
+    tc = s.recipe.train
+    batch_size = s.recipe.eval.batch_size or tc.batch_size
+    batches = min(tc.eval_iters, -(-sum(split_windows(s.shards, "val", s.seq_len)) // batch_size))
+    t0 = clock()
+    validate(s, max_batches=1)
+    return (clock() - t0) * batches
 
 
 NEXT_WEIGHTS = "model.next.safetensors"  # a checkpoint's new weights until its state.pt is in place
