@@ -143,3 +143,34 @@ def test_a_model_built_to_be_loaded_skips_its_random_init_and_nothing_else(tmp_p
     assert torch.equal(loaded(x)[0], m.eval()(x)[0])
     after = tiny()  # init is back: the seed-0 model of before, draw for draw
     assert all(torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))
+
+
+def test_a_model_built_on_another_thread_during_a_load_keeps_its_random_init(monkeypatch):
+    """A build with init=False swaps torch.nn.init's fills process-wide while it runs; a build with init on
+    another thread at that moment (a server loading a second model) waits for it and is initialised as usual."""
+    import threading
+
+    reference = tiny()
+    inside, release = threading.Event(), threading.Event()
+    real_model = models.module("llama").Model
+
+    class SlowModel(real_model):  # a model that is loaded (init=False) slowly: held inside its build
+        def __init__(self, config):
+            super().__init__(config)
+            if config.vocab_size == 51:
+                inside.set()
+                release.wait(10)
+
+    monkeypatch.setattr(models.module("llama"), "Model", SlowModel)
+    cfg = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, multiple_of=8)
+    loading = threading.Thread(target=models.build, args=(Config(vocab_size=51, **cfg),), kwargs={"init": False})
+    loading.start()
+    assert inside.wait(10)
+    built = []
+    other = threading.Thread(target=lambda: built.append(tiny()))
+    other.start()
+    other.join(0.5)  # gives an unguarded build time to run inside the swapped fills
+    release.set()
+    loading.join(10)
+    other.join(10)
+    assert all(torch.equal(a, b) for a, b in zip(built[0].state_dict().values(), reference.state_dict().values()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import threading
 from dataclasses import replace
 from typing import Sequence
 
@@ -41,7 +42,7 @@ def build(config, vocab_size: int | None = None, token_strings: Sequence[str] | 
     if getattr(config, "vocab_size", None) == 0 and vocab_size:
         config = replace(config, vocab_size=vocab_size)
     cls = module(config.family).Model
-    with contextlib.nullcontext() if init else _no_weight_init():
+    with _BUILDING, contextlib.nullcontext() if init else _no_weight_init():
         if token_strings is not None and "token_strings" in inspect.signature(cls).parameters:
             return cls(config, token_strings=token_strings)
         return cls(config)
@@ -64,6 +65,9 @@ def numpy_model(config, tensors, vocab_size: int | None = None):
     return NumpyLlama.from_tensors(config, tensors)
 
 
+# one build at a time: `_no_weight_init` swaps torch.nn.init's fills for the whole process, so a build with init
+# on another thread (a server loading a second model) would otherwise get uninitialised weights
+_BUILDING = threading.Lock()
 _INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
                "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
 
