@@ -5,7 +5,9 @@ val loss and bits per byte on the whole val split as JSON, with mean ± 95% t in
     python benchmarks/quality_budget.py recipes/tinystories15m.toml --data path/to/tinystories --minutes 8 \\
         --seeds 3 --set train.batch_size=16 --set train.grad_accum=1 --set train.lr=1e-3
 
-Runs one seed at a time (two at once on the same cores would halve each other's speed).
+Runs one seed at a time (two at once on the same cores would halve each other's speed). Each run's
+`budget_used_s` is the time it counted against the budget (steps, evals, checkpoints: state.pt's wall_s),
+`train_wall_s` that and the data preparation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from toolkit import console  # noqa: E402
 from toolkit import recipe as recipe_lib  # noqa: E402
 from toolkit.compare import t_interval  # noqa: E402
 from toolkit.evaluate import evaluate_run  # noqa: E402
-from toolkit.run import load_run  # noqa: E402
+from toolkit.run import STATE, load_run, load_state  # noqa: E402
 from toolkit.train.loop import train  # noqa: E402
 
 
@@ -53,7 +55,8 @@ def main():
         run = load_run(out / f"seed{seed}", r.train.device if r.train.device != "auto" else "cpu")
         res = evaluate_run(run, next(run.model.parameters()).device, batches=10**9)
         runs.append({"seed": seed, "steps": run.step, "tokens": run.step * r.train.batch_size * r.train.grad_accum *
-                     r.model.max_seq_len, "train_wall_s": round(wall, 1), "val_loss": round(res.loss, 4),
+                     r.model.max_seq_len, "train_wall_s": round(wall, 1),
+                     "budget_used_s": round(load_state(out / f"seed{seed}" / STATE)["wall_s"], 1), "val_loss": round(res.loss, 4),
                      "val_bpb": round(res.bpb, 4) if res.bpb else None, "val_tokens": res.tokens,
                      "params": summary["params"]})
     report = {"recipe": r.name, "data": args.data, "minutes": args.minutes, "seeds": args.seeds, "runs": runs,
