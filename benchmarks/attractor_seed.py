@@ -60,7 +60,14 @@ def parse_args():
     p.add_argument("--steps", default="16,32", help="relaxation steps, comma-separated")
     p.add_argument("--repeats", type=int, default=2, help="seed, lmkit, seed, lmkit, ... this many times each")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both (0 = leave the environment's)")
-    return p.parse_args()
+    args = p.parse_args()
+    try:
+        args.steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--steps: relaxation step counts separated by commas, e.g. 16,32 (got {args.steps!r})")
+    if not args.steps or min(args.steps) < 1 or args.repeats < 1:
+        p.error("--steps and --repeats: at least one step count and one repeat, each >= 1")
+    return args
 
 
 def run_seed(seed_dir: Path, corpus: Path, steps: int, env: dict) -> dict:
@@ -95,7 +102,6 @@ def main():
         sys.exit(f"error: no sandbox.py in {args.seed_repo} (clone BoggersTheFish/BoggersTHeLLM there)")
     if not args.corpus.is_file():
         sys.exit(f"error: no such corpus file: {args.corpus}")
-    steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.txt"
@@ -114,12 +120,12 @@ def main():
             (tmp / "attractor_llm" / "tokenizer.py").write_text(STAND_IN)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp), env.get("PYTHONPATH", "")) if p)
         runs = []
-        for steps in steps_list:
+        for steps in args.steps:
             for _ in range(args.repeats):
                 for side in ("seed", "lmkit"):
                     runs.append(run_seed(seed_dir, corpus, steps, env) if side == "seed" else run_lmkit(steps, env))
                     print(json.dumps(runs[-1]), flush=True)
-    for steps in steps_list:
+    for steps in args.steps:
         seed = statistics.median(r["windows_per_s"] for r in runs if r["side"] == "seed" and r["steps"] == steps)
         lmkit = statistics.median(r["windows_per_s"] for r in runs if r["side"] == "lmkit" and r["steps"] == steps)
         print(json.dumps({"steps": steps, "seed_windows_per_s": seed, "lmkit_windows_per_s": lmkit,

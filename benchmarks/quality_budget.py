@@ -49,14 +49,15 @@ def main():
         r = recipe_lib.load(args.recipe, base + [f"train.seed={seed}"])
         if not args.evals:
             r = r.replace(train=dataclasses.replace(r.train, eval_interval=10**9))
+        folder = out / f"seed{seed}"
         t0 = time.perf_counter()
-        summary = train(r, out / f"seed{seed}", force=True)
+        summary = train(r, folder, force=True)
         wall = time.perf_counter() - t0
-        run = load_run(out / f"seed{seed}", r.train.device if r.train.device != "auto" else "cpu")
+        run = load_run(folder, r.train.device if r.train.device != "auto" else "cpu")
         res = evaluate_run(run, next(run.model.parameters()).device, batches=10**9)
         runs.append({"seed": seed, "steps": run.step, "tokens": run.step * r.train.batch_size * r.train.grad_accum *
                      r.model.max_seq_len, "train_wall_s": round(wall, 1),
-                     "budget_used_s": round(load_state(out / f"seed{seed}" / STATE)["wall_s"], 1), "val_loss": round(res.loss, 4),
+                     "budget_used_s": round(load_state(folder / STATE)["wall_s"], 1), "val_loss": round(res.loss, 4),
                      "val_bpb": round(res.bpb, 4) if res.bpb else None, "val_tokens": res.tokens,
                      "params": summary["params"]})
     report = {"recipe": r.name, "data": args.data, "minutes": args.minutes, "seeds": args.seeds, "runs": runs,
