@@ -217,13 +217,14 @@ def test_ddp_two_gloo_processes_equal_a_single_process(tiny_recipe, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_bf16_autocast_tracks_the_fp32_loss_curve(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])  # auto: matmul attention in bf16 on CPU
+def test_bf16_autocast_tracks_the_fp32_loss_curve(tiny_recipe, tmp_path, attention):
     from toolkit.device import cpu_bf16_supported
 
     if not cpu_bf16_supported():
         pytest.skip("this CPU has no native bf16")
     train(recipe_lib.load(tiny_recipe, ["train.dtype=float32"]), tmp_path / "fp32")
-    train(recipe_lib.load(tiny_recipe, ["train.dtype=bfloat16"]), tmp_path / "bf16")
+    train(recipe_lib.load(tiny_recipe, ["train.dtype=bfloat16", f"model.attention={attention}"]), tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "run.json").read_text())["dtype"] == "bfloat16"
     a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
     assert a != b  # autocast really ran in bf16

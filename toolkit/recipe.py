@@ -381,8 +381,9 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
     return from_dict(raw, str(path))
 
 
-# model keys a fine-tune may change without changing what the base model is (training-time settings)
-TRAINING_ONLY_MODEL_KEYS = {"dropout"}
+# model keys a fine-tune may change without changing what the base model is (training-time settings, and how
+# attention is computed)
+TRAINING_ONLY_MODEL_KEYS = {"dropout", "attention"}
 
 
 def load_onto(name_or_path: str | Path, overrides: list[str], base: Recipe, base_name: str) -> Recipe:

@@ -1,4 +1,4 @@
-"""Pieces more than one family uses: the KV cache, RoPE tables, causal masks, and the cached decoder.
+"""Pieces more than one family uses: the KV cache, RoPE tables, causal masks, attention, and the cached decoder.
 
 Each family keeps its own way of applying rotary (llama: interleaved pairs as run.c; pgpt/t5: half-split), but
 the angle tables are the same.
@@ -74,6 +74,43 @@ def causal_sdpa_args(tq: int, tk: int, device=None) -> tuple[torch.Tensor | None
     if tq == 1:
         return None, False
     return causal_mask(tq, tk, device), False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention
+
+
+def matmul_attention(q, k, v, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """scaled_dot_product_attention as two batched matmuls around a softmax (q, k, v: (B, H, T, D)), all in
+    q's dtype: under bf16 autocast the scores are bf16 (softmax accumulates in fp32 inside), as in nanoGPT's
+    attention without flash.
+
+    On CPU, at the short sequences small models train on, this is about twice as fast as torch's
+    flash-attention kernel, whose backward is a fifth of a bf16 step of the 288/6/6 shape (docs/train.md), at
+    the cost of holding each head's (T, T) probabilities for the backward. `attn_mask` is boolean (True =
+    visible), as SDPA's.
+    """
+    if is_causal:
+        attn_mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:  # added, not masked_fill: an add's backward is free, masked_fill's is a copy
+        scores = scores + torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device).masked_fill(
+            ~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
+    return probs @ v
+
+
+def attention(q, k, v, attn_mask: torch.Tensor | None, is_causal: bool, dropout_p: float, impl: str):
+    """The attention of a block by `impl` (a model's `attention` setting): sdpa (torch's fused kernels), matmul
+    (matmul_attention), or auto: matmul for bf16 on CPU, where it is faster than the flash kernel at every length
+    measured (128 to 2,048), sdpa elsewhere (fp32 on CPU, where the flash kernel is faster; GPUs)."""
+    if impl == "matmul" or (impl == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        return matmul_attention(q, k, v, attn_mask, is_causal, dropout_p)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                            dropout_p=dropout_p)
 
 
 # ---------------------------------------------------------------------------------------------------------

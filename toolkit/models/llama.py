@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from toolkit.models.base import LanguageModel
-from toolkit.models.common import KVCache, causal_sdpa_args, rope_tables
+from toolkit.models.common import KVCache, attention, causal_sdpa_args, rope_tables
 from toolkit.models.llama_config import Config  # noqa: F401 (toolkit.models.llama.Config, as every family's)
 from toolkit.models.llama_cpu import LlamaBatch, LlamaCPUDecoder, decode_weights
 
@@ -46,6 +46,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         self.dropout = c.dropout
         self.qk_norm, self.eps = c.qk_norm, c.norm_eps
+        self.impl = c.attention
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
         B, T, _ = x.shape
@@ -62,9 +63,7 @@ class Attention(nn.Module):
         if self.kv_heads != self.n_heads:
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0, self.impl)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

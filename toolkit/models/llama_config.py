@@ -29,6 +29,9 @@ class Config:
     mlp: str = "swiglu"  # swiglu (w2(silu(w1 x) * w3 x)) | relu2 (w2(relu(w1 x)^2), no w3)
     zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
     logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
+    # how attention is computed, not what: sdpa (torch's fused kernels) | matmul (two matmuls around a softmax)
+    # | auto (matmul in bf16 on CPU, where it is the faster, sdpa elsewhere); toolkit.models.common.attention
+    attention: str = "sdpa"
 
     def __post_init__(self):
         check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim", "positive dim, n_layers, n_heads")
@@ -41,6 +44,7 @@ class Config:
         check(self.max_seq_len > 0, "max_seq_len", "a positive length")
         check(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
         check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
+        check_choice(self.attention, "attention", ("sdpa", "matmul", "auto"))
         check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
 
     def runtime_blockers(self) -> list[str]:
