@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from toolkit import recipe as recipe_lib
 from toolkit.errors import RecipeError
-from toolkit.models.common import causal_mask, matmul_attention
+from toolkit.models.common import MATMUL_ATTENTION_MAX_KEYS, causal_mask, matmul_attention
 from toolkit.models.llama import Config, Model
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
@@ -69,7 +69,8 @@ def test_a_llama_with_matmul_attention_is_the_same_model(qk_norm):
 
 
 def test_auto_takes_matmul_attention_for_bf16_on_cpu_only(monkeypatch):
-    """`auto` is matmul attention under bf16 autocast on CPU (where it is the faster) and torch's SDPA for fp32."""
+    """`auto` is matmul attention under bf16 autocast on CPU (where it is the faster) and torch's SDPA for fp32
+    and for long sequences."""
     calls = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -89,6 +90,15 @@ def test_auto_takes_matmul_attention_for_bf16_on_cpu_only(monkeypatch):
     assert len(calls) == SMALL["n_layers"]
     # bf16 rounds differently in the two kernels, not more: the logits agree to bf16's precision
     assert torch.allclose(logits.float(), ref_logits.float(), atol=0.05)
+    # past MATMUL_ATTENTION_MAX_KEYS keys auto keeps SDPA (the (T, T) probabilities grow with the length)
+    calls.clear()
+    torch.manual_seed(0)
+    long = Model(Config(**{**SMALL, "max_seq_len": MATMUL_ATTENTION_MAX_KEYS + 1}, attention="auto"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        long(torch.zeros(1, MATMUL_ATTENTION_MAX_KEYS, dtype=torch.long))
+        assert calls == []
+        long(torch.zeros(1, MATMUL_ATTENTION_MAX_KEYS + 1, dtype=torch.long))
+    assert len(calls) == SMALL["n_layers"]
 
 
 def test_attention_is_checked_and_a_fine_tune_may_change_it(tmp_path):

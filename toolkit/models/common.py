@@ -103,11 +103,18 @@ def matmul_attention(q, k, v, attn_mask: torch.Tensor | None = None, is_causal: 
     return probs @ v
 
 
+# `auto` keeps SDPA past this many keys: the gain shrinks with length (2.6x at 256, 1.1x at 2,048, bf16) while
+# the (T, T) probabilities kept for the backward grow with it, B x H x T^2 x 2 bytes a layer
+MATMUL_ATTENTION_MAX_KEYS = 1024
+
+
 def attention(q, k, v, attn_mask: torch.Tensor | None, is_causal: bool, dropout_p: float, impl: str):
     """The attention of a block by `impl` (a model's `attention` setting): sdpa (torch's fused kernels), matmul
-    (matmul_attention), or auto: matmul for bf16 on CPU, where it is faster than the flash kernel at every length
-    measured (128 to 2,048), sdpa elsewhere (fp32 on CPU, where the flash kernel is faster; GPUs)."""
-    if impl == "matmul" or (impl == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16):
+    (matmul_attention), or auto: matmul for bf16 on CPU up to MATMUL_ATTENTION_MAX_KEYS keys, where it is faster
+    than the flash kernel (benchmarks/attention.py), sdpa elsewhere (fp32 on CPU, where the flash kernel is
+    faster; GPUs; longer sequences)."""
+    if impl == "matmul" or (impl == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16
+                            and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS):
         return matmul_attention(q, k, v, attn_mask, is_causal, dropout_p)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                             dropout_p=dropout_p)

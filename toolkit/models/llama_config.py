@@ -30,7 +30,8 @@ class Config:
     zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
     logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
     # how attention is computed, not what: sdpa (torch's fused kernels) | matmul (two matmuls around a softmax)
-    # | auto (matmul in bf16 on CPU, where it is the faster, sdpa elsewhere); toolkit.models.common.attention
+    # | auto (matmul in bf16 on CPU up to 1,024 keys, where it is the faster, sdpa elsewhere);
+    # toolkit.models.common.attention
     attention: str = "sdpa"
 
     def __post_init__(self):
