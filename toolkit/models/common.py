@@ -89,7 +89,8 @@ def matmul_attention(q, k, v, attn_mask: torch.Tensor | None = None, is_causal: 
     On CPU, at the short sequences small models train on, this is about twice as fast as torch's
     flash-attention kernel, whose backward is a fifth of a bf16 step of the 288/6/6 shape (docs/train.md), at
     the cost of holding each head's (T, T) probabilities for the backward. `attn_mask` is boolean (True =
-    visible), as SDPA's.
+    visible), as SDPA's; `is_causal` with fewer queries than keys means the last queries (causal_mask), where
+    SDPA's means the first (the callers pass it for whole sequences only, causal_sdpa_args).
     """
     if is_causal:
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
