@@ -60,9 +60,10 @@ def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
 
 
-def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """A boolean mask as an additive float one: 0 where allowed, -inf elsewhere."""
-    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A boolean mask as an additive float one (the default float dtype, or `dtype`): 0 where allowed, -inf
+    elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def causal_sdpa_args(tq: int, tk: int, device=None) -> tuple[torch.Tensor | None, bool]:
@@ -96,8 +97,7 @@ def matmul_attention(q, k, v, attn_mask: torch.Tensor | None = None, is_causal: 
         attn_mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:  # added, not masked_fill: an add's backward is free, masked_fill's is a copy
-        scores = scores + torch.zeros(attn_mask.shape, dtype=scores.dtype, device=q.device).masked_fill(
-            ~attn_mask, float("-inf"))
+        scores = scores + additive_mask(attn_mask, scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
