@@ -3,6 +3,8 @@
     python benchmarks/generate.py                       # tinystories15m shape: 288/6/6, vocab 32000, seq 256
     python benchmarks/generate.py --decoder torch       # the plain PyTorch KV-cache forward, for comparison
     python benchmarks/generate.py --runc path/to/run    # also time a compiled llama2.c run.c on the same weights
+    python benchmarks/generate.py --dtype bfloat16      # the C decode step on bfloat16 copies of the matrices
+    LMKIT_DECODE_STEP=numpy python benchmarks/generate.py   # the numpy step instead of the C one
 
 Greedy, batch 1, prompt = BOS, stop tokens ignored so every run makes the same number of tokens.
 `decode_tokens_per_s` is measured as run.c measures "achieved tok/s" (tokens after the first, over the
@@ -40,8 +42,8 @@ def parse_args():
                    help="auto = what lmkit chat uses; torch = the model's KV-cache forward; window = no cache")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="the model's precision (the torch KV-cache decoder; float32 is the numpy one); the greedy ids are "
-                   "compared with float32's")
+                   help="the weights' precision: with --decoder auto, bfloat16 is the C decode step's (as `lmkit chat "
+                   "--dtype bfloat16`), float16 the torch model's; the greedy ids are compared with float32's")
     p.add_argument("--runc", "--run-c", dest="run_c", default="",
                    help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm, or with "
                    "-fopenmp for threads)")
@@ -62,6 +64,7 @@ def main():
     import torch
 
     from toolkit import generate as G
+    from toolkit.models import llama_cpu
     from toolkit.models.common import CachedDecoder
     from toolkit.models.llama import Config, Model
 
@@ -76,7 +79,11 @@ def main():
     reference = None
     if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
         reference = G.generate(G.decoder_for(fp32_model), [1], n_new, G.Sampling(temperature=0.0), stop_ids=())
-        model = copy.deepcopy(fp32_model).to(getattr(torch, args.dtype))
+        if args.decoder == "auto" and args.dtype == "bfloat16" and llama_cpu.c_library() is not None:
+            weights = llama_cpu.decode_weights(fp32_model)
+            make = lambda _: llama_cpu.cpu_decoder(weights, "bfloat16")  # noqa: E731
+        else:
+            model = copy.deepcopy(fp32_model).to(getattr(torch, args.dtype))
     runs, dec, out = [], None, []
     for _ in range(args.repeats):
         dec = make(model)
@@ -97,6 +104,8 @@ def main():
         "params": model.num_params(),
         "new_tokens": n_new,
         "decoder": type(dec).__name__,
+        "decode_step": getattr(dec, "backend", "torch"),  # a llama on the CPU: the C step, or numpy's
+        "decode_step_threads": getattr(dec, "threads", None),  # the C step's OpenMP threads
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),

@@ -103,6 +103,16 @@ def load_target(path: str | Path, tokenizer: Path | None = None, device: str = "
     raise UserError(f"not found: {path} (give a run folder, a Hugging Face folder, a .gguf or a llama2.c model.bin)")
 
 
+def set_dtype(target: Target, dtype: str) -> None:
+    """Generate with the target's weights in `dtype` (toolkit.models.cast_for_decoding)."""
+    from toolkit.models import cast_for_decoding
+
+    try:
+        target.model = cast_for_decoding(target.model, dtype)
+    except ValueError as e:
+        raise UserError(f"--dtype {dtype}: {e}") from None
+
+
 RUNC_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 0.9}  # run.c's defaults
 
 
@@ -222,13 +232,17 @@ def one_shot(session: Session, text: str, echo: bool = False) -> G.Stats:
         _stdout(text)
     _, stats = session.reply(text, _stdout)
     _stdout("\n")
-    info(f"{_speed(stats)} ({stats.stop})", style="dim")
+    info(f"{_speed(stats, session.decoder)} ({stats.stop})", style="dim")
     return stats
 
 
-def _speed(stats: G.Stats) -> str:
-    """Tokens/s as run.c reports it (after the first token), plus the prompt's processing time."""
-    return (f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s, "
+def _speed(stats: G.Stats, decoder=None) -> str:
+    """Tokens/s as run.c reports it (after the first token), the prompt's processing time, and which decode step
+    ran (a llama on the CPU: C or numpy)."""
+    step = getattr(decoder, "backend", None)
+    threads = getattr(decoder, "threads", None)
+    where = f" ({step} step, {decoder.dtype}{f', {threads} threads' if threads else ''})" if step else ""
+    return (f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s{where}, "
             f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds * 1000:.0f} ms")
 
 
@@ -272,7 +286,7 @@ def repl(session: Session) -> None:
         _, stats = session.reply(text, _stdout)
         _stdout("\n")
         note = " (interrupted)" if stats.stop == "interrupted" else ""
-        console.print(f"{_speed(stats)}{note}", style="dim")
+        console.print(f"{_speed(stats, session.decoder)}{note}", style="dim")
 
 
 def command(session: Session, line: str) -> bool:

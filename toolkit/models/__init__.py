@@ -65,6 +65,25 @@ def numpy_model(config, tensors, vocab_size: int | None = None):
     return NumpyLlama.from_tensors(config, tensors)
 
 
+def cast_for_decoding(model, dtype: str):
+    """The model to generate with in `dtype` (bfloat16): a torch-free llama (NumpyLlama) keeps its fp32 weights
+    and decodes through the C step's bfloat16 copy of its matrices; a torch model is cast. ValueError where the
+    C step was not built."""
+    from toolkit.models.llama_cpu import DTYPES, NumpyLlama, c_library
+
+    if isinstance(model, NumpyLlama):
+        if dtype not in DTYPES:
+            raise ValueError(f"expected one of {', '.join(DTYPES)}")
+        if dtype != "float32" and c_library() is None:
+            raise ValueError("the C decode step was not built here: reinstall lmkit (make install) with a C compiler "
+                             "(gcc or clang) on the PATH, or use float32")
+        model.decode_dtype = dtype
+        return model
+    import torch
+
+    return model.to(getattr(torch, dtype))
+
+
 # one build at a time: `_no_weight_init` swaps torch.nn.init's fills for the whole process, so a build with init
 # on another thread (a server loading a second model) would otherwise get uninitialised weights
 _BUILDING = threading.Lock()

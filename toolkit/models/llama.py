@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from toolkit.models.base import LanguageModel
 from toolkit.models.common import KVCache, attention, causal_sdpa_args, rope_tables
 from toolkit.models.llama_config import Config  # noqa: F401 (toolkit.models.llama.Config, as every family's)
-from toolkit.models.llama_cpu import LlamaBatch, LlamaCPUDecoder, decode_weights
+from toolkit.models.llama_cpu import LlamaBatch, LlamaCPUDecoder, cpu_decoder, decode_weights
 
 
 class RMSNorm(nn.Module):
@@ -151,10 +151,10 @@ class Model(LanguageModel):
                        dtype or p.dtype)
 
     def make_decoder(self) -> LlamaCPUDecoder | None:
-        """On CPU in fp32, the numpy decoder (toolkit.models.llama_cpu); elsewhere the generic cached one."""
+        """On CPU in fp32, the C or numpy decoder (toolkit.models.llama_cpu); elsewhere the generic cached one."""
         p = self.tok_embeddings.weight
         numpy_ok = p.device.type == "cpu" and p.dtype == torch.float32 and self.config.standard
-        return LlamaCPUDecoder(decode_weights(self)) if numpy_ok else None
+        return cpu_decoder(decode_weights(self)) if numpy_ok else None
 
     def make_batch_decoder(self):
         """On CPU in fp32, the numpy step over many sequences at once (toolkit.models.llama_cpu.LlamaBatch)."""

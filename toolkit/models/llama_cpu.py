@@ -16,7 +16,11 @@ same weights from a torch Model (toolkit.models.llama), which is how training sa
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import math
+import os
 import weakref
 from typing import Mapping, Sequence
 
@@ -53,13 +57,19 @@ class DecodeWeights:
     `llama_config.tensor_shapes(config)` lists them."""
 
     def __init__(self, c, tensors: Mapping[str, np.ndarray]):
-        def t(*names):
-            return np.ascontiguousarray(np.concatenate([tensors[n] for n in names]).T)  # (in, out)
+        c_layout = c_library() is not None
+
+        def t(*names):  # (in, out) for `x @ W`: a view of the (out, in) rows the C step reads, else a copy
+            rows = np.concatenate([tensors[n] for n in names])
+            return rows.T if c_layout else np.ascontiguousarray(rows.T)
 
         self.c, self.rep, self.scale, self.eps = c, c.n_heads // c.kv_heads, 1.0 / math.sqrt(c.head_dim), float(c.norm_eps)
         self.nq, self.nkv, self.ffn = c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.ffn_dim
         self.emb, self.norm = tensors["tok_embeddings.weight"], tensors["norm.weight"]
-        self.wcls = t("tok_embeddings.weight" if c.tie_embeddings else "output.weight")
+        # tied: the C step's classifier is the embedding itself, as run.c's (a copy would be 4.7 MB more to keep in
+        # cache for a 288-wide model with 4096 tokens, where the whole model is about the L3 cache's size)
+        self.wcls = (self.emb.T if c_layout and self.emb.flags.c_contiguous and self.emb.dtype == np.float32
+                     else t("tok_embeddings.weight")) if c.tie_embeddings else t("output.weight")
         self.layers = []
         for i in range(c.n_layers):
             a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
@@ -67,6 +77,13 @@ class DecodeWeights:
                                 a + "wv.weight"), t(a + "wo.weight"), tensors[f"layers.{i}.ffn_norm.weight"],
                                 t(f + "w1.weight", f + "w3.weight"), t(f + "w2.weight")))
         self.rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta)
+        self._c_step: dict[str, CStepWeights] = {}
+
+    def c_step(self, dtype: str) -> CStepWeights:
+        """The weights as the C step reads them, made once per dtype and shared by this model's decoders."""
+        if dtype not in self._c_step:
+            self._c_step[dtype] = CStepWeights(self, dtype)
+        return self._c_step[dtype]
 
 
 _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (parameter versions, weakref)
@@ -92,9 +109,12 @@ def decode_weights(model) -> DecodeWeights:
 
 
 class LlamaCPUDecoder(PrefixCacheDecoder):
-    """The decoder (toolkit.generate) of a standard llama on CPU in fp32: `Model.make_decoder()` there, and
+    """The numpy decoder (toolkit.generate) of a standard llama on CPU in fp32: `Model.make_decoder()` there, and
     `NumpyLlama.make_decoder()`. Logits are numpy (V,) float32. A prompt goes through in one batched pass (each
     product reads the weights once for all its tokens), a new token through `_step`."""
+
+    backend = "numpy"
+    dtype = "float32"
 
     def __init__(self, weights: DecodeWeights):
         c = weights.c
@@ -154,6 +174,121 @@ class LlamaCPUDecoder(PrefixCacheDecoder):
         return self._rms(x[-1], w.norm) @ w.wcls
 
 
+STEP_ENV = "LMKIT_DECODE_STEP"  # "numpy": the numpy step even where the C one was built; "c": the C one or an error
+DTYPES = ("float32", "bfloat16")
+
+
+class _CWeights(ctypes.Structure):
+    """llama_cpu.c's Weights."""
+    _fields_ = ([(n, ctypes.c_int) for n in ("dim", "n_layers", "n_heads", "kv_heads", "head_dim", "ffn_dim",
+                                             "vocab_size", "max_seq_len", "bf16")]
+                + [("eps", ctypes.c_float)] + [(n, ctypes.c_void_p) for n in ("emb", "norm", "wcls", "rope")]
+                + [(n, ctypes.POINTER(ctypes.c_void_p)) for n in ("attn_norm", "ffn_norm", "wqkv", "wo", "w13", "w2")])
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """The C decode step (toolkit/models/llama_cpu.c, built at install by setup.py), or None where it was not
+    built (no C compiler then) or LMKIT_DECODE_STEP=numpy."""
+    choice = os.environ.get(STEP_ENV, "").lower()
+    if choice not in ("", "c", "numpy"):
+        raise ValueError(f"{STEP_ENV}={choice}: expected c or numpy")
+    spec = None if choice == "numpy" else importlib.util.find_spec("toolkit.models._llama_cpu")
+    if spec is None or not spec.origin:
+        if choice == "c":
+            raise ValueError(f"{STEP_ENV}=c but the C decode step was not built: reinstall lmkit (make install) "
+                             "with a C compiler (gcc or clang) on the PATH")
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    if lib.llama_cpu_abi() != 2:
+        return None  # a library from another version of llama_cpu.c: the numpy step is right, if slower
+    lib.llama_cpu_set_prefetch(ctypes.c_long(int(os.environ.get("LMKIT_PREFETCH", "8192"))))
+    lib.llama_cpu_forward.restype = None
+    lib.llama_cpu_forward.argtypes = [ctypes.POINTER(_CWeights), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def to_bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even as torch rounds (finite values: the sum stays
+    under 2^32)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+
+
+class CStepWeights:
+    """DecodeWeights as llama_cpu.c's Weights: the fp32 arrays themselves, or bfloat16 copies of the matrices
+    (the embedding and the gains stay fp32, as they are read a row at a time)."""
+
+    def __init__(self, w: DecodeWeights, dtype: str):
+        c = w.c
+        conv = to_bfloat16 if dtype == "bfloat16" else (lambda a: a)  # of m.T: (out, in) rows, no copy in fp32
+        self.keep = []  # every array and pointer table the struct points into
+
+        def ptr(a):
+            a = np.ascontiguousarray(a)
+            self.keep.append(a)
+            return a.ctypes.data
+
+        def table(arrays):
+            t = (ctypes.c_void_p * len(arrays))(*[ptr(a) for a in arrays])
+            self.keep.append(t)
+            return t
+
+        cols = list(zip(*w.layers))  # an, wqkv, wo, fn, w13, w2, each per layer
+        self.struct = _CWeights(c.dim, c.n_layers, c.n_heads, c.kv_heads, c.head_dim, c.ffn_dim, c.vocab_size,
+                                c.max_seq_len, int(dtype == "bfloat16"), w.eps, ptr(w.emb.astype(np.float32, copy=False)),
+                                ptr(w.norm), ptr(conv(w.wcls.T)), ptr(w.rope.view(np.float32)), table(cols[0]),
+                                table(cols[3]), *(table([conv(m.T) for m in cols[i]]) for i in (1, 2, 4, 5)))
+        self.scratch_size = 3 * c.dim + 2 * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.max_seq_len \
+            + 2 * c.ffn_dim
+
+
+class CLlamaDecoder(LlamaCPUDecoder):
+    """The same decoder with llama_cpu.c's one-token step (OpenMP threads: OMP_NUM_THREADS, default all cores).
+    In fp32 a prompt still goes through numpy's batched prefill (each product reads the weights once for all its
+    tokens); in bfloat16 every token goes through the C step, so the numbers are bfloat16's throughout."""
+
+    backend = "C"
+
+    @property
+    def threads(self) -> int:
+        return self.lib.llama_cpu_threads()
+
+    def __init__(self, weights: DecodeWeights, lib: ctypes.CDLL, dtype: str = "float32"):
+        super().__init__(weights)
+        self.lib, self.dtype, self.cw = lib, dtype, weights.c_step(dtype)
+        self.scratch = np.zeros(self.cw.scratch_size, np.float32)
+        self.k_ptrs = (ctypes.c_void_p * len(self.kv))(*[k.ctypes.data for k, _ in self.kv])
+        self.v_ptrs = (ctypes.c_void_p * len(self.kv))(*[v.ctypes.data for _, v in self.kv])
+
+    def _forward(self, new: list[int], pos: int) -> np.ndarray:
+        if len(new) > 1 and self.dtype == "float32":
+            return self._prefill(new, pos)
+        if pos + len(new) > self.max_len:
+            raise ValueError(f"{pos + len(new)} tokens exceed the context of {self.max_len}")
+        tokens = np.asarray(new, dtype=np.int32)
+        if tokens.min() < 0 or tokens.max() >= self.w.c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.w.c.vocab_size})")
+        logits = np.empty(self.w.c.vocab_size, np.float32)
+        self.lib.llama_cpu_forward(ctypes.byref(self.cw.struct), self.k_ptrs, self.v_ptrs, self.scratch.ctypes.data,
+                                   tokens.ctypes.data, len(tokens), pos, logits.ctypes.data)
+        return logits
+
+
+def cpu_decoder(weights: DecodeWeights, dtype: str = "float32") -> LlamaCPUDecoder:
+    """The CPU decoder for these weights: the C step where it was built, else the numpy one (fp32 only)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    lib = c_library()
+    if lib is not None:
+        return CLlamaDecoder(weights, lib, dtype)
+    if dtype != "float32":
+        raise ValueError(f"{dtype} weights need the C decode step, which was not built here: reinstall lmkit "
+                         "(make install) with a C compiler (gcc or clang) on the PATH, or run in float32")
+    return LlamaCPUDecoder(weights)
+
+
 class LlamaBatch:
     """One decode step for several llama sequences at once, on CPU in fp32, for the server's scheduler.
 
@@ -168,7 +303,7 @@ class LlamaBatch:
         self.w = weights  # (in, out) matrices: X @ W with X (B, in), as the batch-1 step's x @ W
 
     def new_decoder(self) -> LlamaCPUDecoder:
-        return LlamaCPUDecoder(self.w)
+        return cpu_decoder(self.w)  # a job's prompt, and its steps when it runs alone
 
     def step(self, decoders: Sequence[LlamaCPUDecoder], tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """Feed tokens[i] at positions[i] to decoders[i] (its cache holds positions 0..positions[i] - 1); write
@@ -207,6 +342,7 @@ class NumpyLlama:
     loaded without torch."""
 
     is_encoder_decoder = False
+    decode_dtype = "float32"  # the C step's weights: "bfloat16" halves what each token reads (`lmkit chat --dtype`)
 
     def __init__(self, config, tensors: Mapping[str, np.ndarray]):
         self.config = config
@@ -234,7 +370,7 @@ class NumpyLlama:
         return self
 
     def make_decoder(self) -> LlamaCPUDecoder:
-        return LlamaCPUDecoder(self.weights)
+        return cpu_decoder(self.weights, self.decode_dtype)
 
     def make_batch_decoder(self) -> LlamaBatch:
         return LlamaBatch(self.weights)
