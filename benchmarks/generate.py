@@ -4,6 +4,7 @@
     python benchmarks/generate.py --decoder torch       # the plain PyTorch KV-cache forward, for comparison
     python benchmarks/generate.py --runc path/to/run    # also time a compiled llama2.c run.c on the same weights
     python benchmarks/generate.py --dtype bfloat16      # the C decode step on bfloat16 copies of the matrices
+    python benchmarks/generate.py --dtype int8          # ... on int8 copies, one scale per row
     LMKIT_DECODE_STEP=numpy python benchmarks/generate.py   # the numpy step instead of the C one
 
 Greedy, batch 1, prompt = BOS, stop tokens ignored so every run makes the same number of tokens.
@@ -41,9 +42,9 @@ def parse_args():
     p.add_argument("--decoder", choices=("auto", "torch", "window"), default="auto",
                    help="auto = what lmkit chat uses; torch = the model's KV-cache forward; window = no cache")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="the weights' precision: with --decoder auto, bfloat16 is the C decode step's (as `lmkit chat "
-                   "--dtype bfloat16`), float16 the torch model's; the greedy ids are compared with float32's")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8", "float16"),
+                   help="the weights' precision: with --decoder auto, bfloat16 and int8 are the C decode step's (as "
+                   "`lmkit chat --dtype`), float16 the torch model's; the greedy ids are compared with float32's")
     p.add_argument("--runc", "--run-c", dest="run_c", default="",
                    help="path to a run.c binary you built from llama2.c (gcc -Ofast -o run run.c -lm, or with "
                    "-fopenmp for threads)")
@@ -79,9 +80,11 @@ def main():
     reference = None
     if args.dtype != "float32":  # the float32 greedy ids first, to measure what the lower precision changes
         reference = G.generate(G.decoder_for(fp32_model), [1], n_new, G.Sampling(temperature=0.0), stop_ids=())
-        if args.decoder == "auto" and args.dtype == "bfloat16" and llama_cpu.c_library() is not None:
+        if args.decoder == "auto" and args.dtype in ("bfloat16", "int8") and llama_cpu.c_library() is not None:
             weights = llama_cpu.decode_weights(fp32_model)
-            make = lambda _: llama_cpu.cpu_decoder(weights, "bfloat16")  # noqa: E731
+            make = lambda _: llama_cpu.cpu_decoder(weights, args.dtype)  # noqa: E731
+        elif args.dtype == "int8":
+            raise SystemExit("--dtype int8 is the C decode step's: --decoder auto, with lmkit installed by make install")
         else:
             model = copy.deepcopy(fp32_model).to(getattr(torch, args.dtype))
     runs, dec, out = [], None, []

@@ -1,5 +1,5 @@
 """The C decode step (toolkit/models/llama_cpu.c): its logits against the torch model's, in fp32 and on bfloat16
-weights, the same numbers on one thread and two, the numpy step still there behind LMKIT_DECODE_STEP=numpy, and
+and int8 weights, the same numbers on one thread and two, the numpy step still there behind LMKIT_DECODE_STEP=numpy, and
 `lmkit chat --dtype`."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from toolkit.models.llama import Config, Model
 needs_c = pytest.mark.skipif(L.c_library() is None, reason="the C decode step was not built (no C compiler)")
 
 
-def tiny(kv=0, tie=True, seed=0, vocab=200, seq=64):
+def tiny(kv=0, tie=True, seed=0, vocab=200, seq=64, dim=48):
     torch.manual_seed(seed)
-    return Model(Config(dim=48, n_layers=2, n_heads=4, n_kv_heads=kv, vocab_size=vocab, max_seq_len=seq,
+    return Model(Config(dim=dim, n_layers=2, n_heads=4, n_kv_heads=kv, vocab_size=vocab, max_seq_len=seq,
                         tie_embeddings=tie)).eval()
 
 
@@ -36,9 +36,10 @@ def test_the_c_step_is_built_where_a_compiler_is():
 
 
 @needs_c
-@pytest.mark.parametrize("kv,tie", [(0, True), (2, False), (1, True)])
-def test_c_step_logits_equal_the_torch_forward(kv, tie):
-    model = tiny(kv, tie)
+@pytest.mark.parametrize("kv,tie,dim", [(0, True, 48), (2, False, 48), (1, True, 48), (2, False, 40)])
+def test_c_step_logits_equal_the_torch_forward(kv, tie, dim):
+    """dim 40: rows whose last 16 floats are partial (8 of them), and 4-row blocks with a remainder."""
+    model = tiny(kv, tie, dim=dim)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         full = model(ids)[0][0].numpy()
@@ -49,23 +50,40 @@ def test_c_step_logits_equal_the_torch_forward(kv, tie):
     assert np.abs(np.stack(got) - full[11:40]).max() < 1e-5
 
 
+def int8_rows_reference(w: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8, dequantized, written independently of llama_cpu.to_int8_rows."""
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+
+
+def test_int8_rows_round_to_the_nearest_step_of_each_rows_scale():
+    w = torch.randn(50, 70) * torch.linspace(0.01, 5, 50)[:, None]
+    w[3] = 0.0  # an all-zero row stays zero (scale 0)
+    q, scale = L.to_int8_rows(w.numpy())
+    assert q.dtype == np.int8 and scale.shape == (50,) and np.abs(q).max() == 127
+    got = q.astype(np.float32) * scale[:, None]
+    assert np.abs(got - int8_rows_reference(w).nan_to_num(0.0).numpy()).max() < 1e-6
+    assert (np.abs(got - w.numpy()) <= scale[:, None] / 2 + 1e-6).all()
+
+
 @needs_c
-def test_bfloat16_step_equals_the_model_with_its_matrices_rounded_to_bfloat16():
-    """--dtype bfloat16: every token (the prompt too) through the C step on bfloat16 matrices, which must be the
-    torch model whose matrices are rounded to bfloat16 (the embedding and the gains stay fp32), computed in fp32;
-    and the rounding is torch's, bit for bit."""
-    model = tiny(kv=2, tie=False)
+@pytest.mark.parametrize("dtype,dim", [("bfloat16", 48), ("int8", 48), ("int8", 40)])
+def test_reduced_precision_step_equals_the_model_with_its_matrices_rounded(dtype, dim):
+    """--dtype bfloat16 / int8: every token (the prompt too) through the C step on bfloat16 matrices, or int8 ones
+    with a scale per row, which must be the torch model whose matrices are rounded so (the embedding and the gains
+    stay fp32), computed in fp32; and the bfloat16 rounding is torch's, bit for bit."""
+    model = tiny(kv=2, tie=False, dim=dim)
     w = torch.randn(1000) * 3
     assert np.array_equal(L.to_bfloat16(w.numpy()), w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
-    rounded = tiny(kv=2, tie=False)
+    rounded = tiny(kv=2, tie=False, dim=dim)
     with torch.no_grad():
         for name, p in rounded.named_parameters():
             if p.ndim == 2 and name != "tok_embeddings.weight":
-                p.copy_(p.to(torch.bfloat16).float())
+                p.copy_(p.to(torch.bfloat16).float() if dtype == "bfloat16" else int8_rows_reference(p))
     ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         want, plain = rounded(ids)[0][0].numpy(), model(ids)[0][0].numpy()
-    dec = L.cpu_decoder(L.decode_weights(model), "bfloat16")
+    dec = L.cpu_decoder(L.decode_weights(model), dtype)
     got = np.stack([dec.logits(ids[0, :10].tolist())] + [dec.logits(ids[0, :t].tolist()) for t in range(11, 31)])
     assert np.abs(got - want[9:30]).max() < 1e-5
     assert np.abs(got - plain[9:30]).max() > 1e-4  # and it is not the fp32 model
@@ -133,7 +151,10 @@ def test_chat_dtype_bfloat16_on_a_bin(capsys, tmp_path):
     rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "-n", "12", "-t", "0",
                          "--dtype", "bfloat16")
     assert rc == 0 and out.strip() and "C step, bfloat16" in err
+    rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "-n", "12", "-t", "0",
+                         "--dtype", "int8")
+    assert rc == 0 and out.strip() and "C step, int8" in err
     rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "-n", "12", "-t", "0")
     assert rc == 0 and "C step, float32" in err
     rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "--dtype", "float16")
-    assert rc != 0 and "--dtype float16: expected float32 or bfloat16" in err and "Traceback" not in err
+    assert rc != 0 and "--dtype float16: expected float32, bfloat16 or int8" in err and "Traceback" not in err

@@ -66,9 +66,9 @@ def numpy_model(config, tensors, vocab_size: int | None = None):
 
 
 def cast_for_decoding(model, dtype: str):
-    """The model to generate with in `dtype` (bfloat16): a torch-free llama (NumpyLlama) keeps its fp32 weights
-    and decodes through the C step's bfloat16 copy of its matrices; a torch model is cast. ValueError where the
-    C step was not built."""
+    """The model to generate with in `dtype` (bfloat16, int8): a torch-free llama (NumpyLlama) keeps its fp32
+    weights and decodes through the C step's bfloat16 or int8 copy of its matrices; a torch model is cast to
+    bfloat16 (int8 is the C step's only). ValueError where the C step was not built."""
     from toolkit.models.llama_cpu import DTYPES, NumpyLlama, c_library
 
     if isinstance(model, NumpyLlama):
@@ -81,6 +81,9 @@ def cast_for_decoding(model, dtype: str):
         return model
     import torch
 
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{dtype} weights are the C decode step's, which runs llama models (this is a "
+                         f"{type(model).__name__}): use float32 or bfloat16")
     return model.to(getattr(torch, dtype))
 
 

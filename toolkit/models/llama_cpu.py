@@ -175,15 +175,17 @@ class LlamaCPUDecoder(PrefixCacheDecoder):
 
 
 STEP_ENV = "LMKIT_DECODE_STEP"  # "numpy": the numpy step even where the C one was built; "c": the C one or an error
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int8")
 
 
 class _CWeights(ctypes.Structure):
     """llama_cpu.c's Weights."""
     _fields_ = ([(n, ctypes.c_int) for n in ("dim", "n_layers", "n_heads", "kv_heads", "head_dim", "ffn_dim",
-                                             "vocab_size", "max_seq_len", "bf16")]
+                                             "vocab_size", "max_seq_len", "wtype")]
                 + [("eps", ctypes.c_float)] + [(n, ctypes.c_void_p) for n in ("emb", "norm", "wcls", "rope")]
-                + [(n, ctypes.POINTER(ctypes.c_void_p)) for n in ("attn_norm", "ffn_norm", "wqkv", "wo", "w13", "w2")])
+                + [(n, ctypes.POINTER(ctypes.c_void_p)) for n in ("attn_norm", "ffn_norm", "wqkv", "wo", "w13", "w2")]
+                + [("wcls_scale", ctypes.c_void_p)]
+                + [(n + "_scale", ctypes.POINTER(ctypes.c_void_p)) for n in ("wqkv", "wo", "w13", "w2")])
 
 
 @functools.cache
@@ -200,7 +202,7 @@ def c_library() -> ctypes.CDLL | None:
                              "with a C compiler (gcc or clang) on the PATH")
         return None
     lib = ctypes.CDLL(spec.origin)
-    if lib.llama_cpu_abi() != 2:
+    if lib.llama_cpu_abi() != 3:
         return None  # a library from another version of llama_cpu.c: the numpy step is right, if slower
     lib.llama_cpu_set_prefetch(ctypes.c_long(int(os.environ.get("LMKIT_PREFETCH", "8192"))))
     lib.llama_cpu_forward.restype = None
@@ -216,13 +218,23 @@ def to_bfloat16(a: np.ndarray) -> np.ndarray:
     return ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
 
 
+def to_int8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(out, in) float32 rows -> int8 rows and one float32 scale per row, symmetric (row ~ scale * int8 row, the
+    largest |value| of a row to 127): per-channel weight-only int8, as torchao's int8_weight_only."""
+    a = np.asarray(a, dtype=np.float32)
+    scale = np.abs(a).max(axis=1) / 127.0
+    q = np.rint(a / np.where(scale > 0, scale, 1.0)[:, None])
+    return np.clip(q, -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
 class CStepWeights:
-    """DecodeWeights as llama_cpu.c's Weights: the fp32 arrays themselves, or bfloat16 copies of the matrices
-    (the embedding and the gains stay fp32, as they are read a row at a time)."""
+    """DecodeWeights as llama_cpu.c's Weights: the fp32 arrays themselves, or bfloat16 or int8 (with row scales)
+    copies of the matrices (the embedding and the gains stay fp32, as they are read a row at a time)."""
 
     def __init__(self, w: DecodeWeights, dtype: str):
         c = w.c
-        conv = to_bfloat16 if dtype == "bfloat16" else (lambda a: a)  # of m.T: (out, in) rows, no copy in fp32
+        conv = {"float32": lambda a: (a, None), "bfloat16": lambda a: (to_bfloat16(a), None),
+                "int8": to_int8_rows}[dtype]  # of m.T: (out, in) rows, no copy in fp32
         self.keep = []  # every array and pointer table the struct points into
 
         def ptr(a):
@@ -236,10 +248,14 @@ class CStepWeights:
             return t
 
         cols = list(zip(*w.layers))  # an, wqkv, wo, fn, w13, w2, each per layer
+        wcls, wcls_scale = conv(w.wcls.T)
+        mats = [[conv(m.T) for m in cols[i]] for i in (1, 2, 4, 5)]  # per matrix kind, per layer: (rows, scale)
+        scales = [table([s for _, s in m]) for m in mats] if dtype == "int8" else [None] * 4
         self.struct = _CWeights(c.dim, c.n_layers, c.n_heads, c.kv_heads, c.head_dim, c.ffn_dim, c.vocab_size,
-                                c.max_seq_len, int(dtype == "bfloat16"), w.eps, ptr(w.emb.astype(np.float32, copy=False)),
-                                ptr(w.norm), ptr(conv(w.wcls.T)), ptr(w.rope.view(np.float32)), table(cols[0]),
-                                table(cols[3]), *(table([conv(m.T) for m in cols[i]]) for i in (1, 2, 4, 5)))
+                                c.max_seq_len, DTYPES.index(dtype), w.eps, ptr(w.emb.astype(np.float32, copy=False)),
+                                ptr(w.norm), ptr(wcls), ptr(w.rope.view(np.float32)), table(cols[0]), table(cols[3]),
+                                *(table([r for r, _ in m]) for m in mats),
+                                ptr(wcls_scale) if wcls_scale is not None else None, *scales)
         self.scratch_size = 3 * c.dim + 2 * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.max_seq_len \
             + 2 * c.ffn_dim
 
@@ -247,7 +263,7 @@ class CStepWeights:
 class CLlamaDecoder(LlamaCPUDecoder):
     """The same decoder with llama_cpu.c's one-token step (OpenMP threads: OMP_NUM_THREADS, default all cores).
     In fp32 a prompt still goes through numpy's batched prefill (each product reads the weights once for all its
-    tokens); in bfloat16 every token goes through the C step, so the numbers are bfloat16's throughout."""
+    tokens); in bfloat16 and int8 every token goes through the C step, so the numbers are theirs throughout."""
 
     backend = "C"
 
