@@ -204,7 +204,7 @@ def c_library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(spec.origin)
     if lib.llama_cpu_abi() != 3:
         return None  # a library from another version of llama_cpu.c: the numpy step is right, if slower
-    lib.llama_cpu_set_prefetch(ctypes.c_long(int(os.environ.get("LMKIT_PREFETCH", "8192"))))
+    lib.llama_cpu_set_prefetch(ctypes.c_long(int(os.environ.get("LMKIT_PREFETCH", "16384"))))
     lib.llama_cpu_forward.restype = None
     lib.llama_cpu_forward.argtypes = [ctypes.POINTER(_CWeights), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
