@@ -184,17 +184,22 @@ def plot_curves(summary: dict, arms_runs: dict[str, list[RunResult]], path, titl
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    plotted = 0
     for name, runs in arms_runs.items():
         x, m, ci = mean_curve(runs)
         if not len(x):
             continue
         ax.plot(x, m, marker="o", ms=3, label=f"{name} (n={len(runs)})")
         ax.fill_between(x, m - ci, m + ci, alpha=0.25)
+        plotted += 1
     ax.set_xlabel("training tokens")
     ax.set_ylabel("val loss (nats)")
     ax.set_title(title or f"{summary['a']} vs {summary['b']}: mean ± 95% CI over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
+    else:  # runs trained without evals (train.eval_interval past the end): no curve to draw
+        ax.text(0.5, 0.5, "no val evals during training in these runs", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
