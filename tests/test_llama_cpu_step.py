@@ -158,3 +158,22 @@ def test_chat_dtype_bfloat16_on_a_bin(capsys, tmp_path):
     assert rc == 0 and "C step, float32" in err
     rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "--dtype", "float16")
     assert rc != 0 and "--dtype float16: expected float32, bfloat16 or int8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("var,value,message", [(L.STEP_ENV, "fast", "LMKIT_DECODE_STEP=fast: expected c or numpy"),
+                                                ("LMKIT_PREFETCH", "lots", "LMKIT_PREFETCH=lots: expected a number")])
+def test_a_bad_decode_setting_is_one_line(capsys, tmp_path, monkeypatch, var, value, message):
+    from toolkit.export import llama2c
+    from toolkit.tokenizers.llama2c_bin import write_tokenizer_bin
+
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(f"<0x{b:02X}>", 0.0) for b in range(256)]
+    llama2c.export_model(tiny(vocab=len(pieces)), tmp_path / "model.bin", 0)
+    write_tokenizer_bin(tmp_path / "tokenizer.bin", pieces, 1, 2)
+    monkeypatch.setenv(var, value)
+    L.c_library.cache_clear()
+    try:
+        rc, out, err = lmkit(capsys, "chat", str(tmp_path / "model.bin"), "--prompt", "ab", "-n", "4")
+    finally:
+        monkeypatch.delenv(var)
+        L.c_library.cache_clear()
+    assert rc == 1 and message in err and "Traceback" not in err

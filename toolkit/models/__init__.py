@@ -69,14 +69,10 @@ def cast_for_decoding(model, dtype: str):
     """The model to generate with in `dtype` (bfloat16, int8): a torch-free llama (NumpyLlama) keeps its fp32
     weights and decodes through the C step's bfloat16 or int8 copy of its matrices; a torch model is cast to
     bfloat16 (int8 is the C step's only). ValueError where the C step was not built."""
-    from toolkit.models.llama_cpu import DTYPES, NumpyLlama, c_library
+    from toolkit.models.llama_cpu import NumpyLlama, check_decode_dtype
 
     if isinstance(model, NumpyLlama):
-        if dtype not in DTYPES:
-            raise ValueError(f"expected one of {', '.join(DTYPES)}")
-        if dtype != "float32" and c_library() is None:
-            raise ValueError("the C decode step was not built here: reinstall lmkit (make install) with a C compiler "
-                             "(gcc or clang) on the PATH, or use float32")
+        check_decode_dtype(dtype)
         model.decode_dtype = dtype
         return model
     import torch

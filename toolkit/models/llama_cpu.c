@@ -136,6 +136,7 @@ DOT_ROWS(i8)
         _Pragma("omp for schedule(static)") for (int b = 0; b < blocks; b++) {                                  \
             const int i = 4 * b, rows = d - i < 4 ? d - i : 4;                                                  \
             prefetch_row(w + (size_t)i * n, (size_t)rows * n * sizeof(T##_t));                                  \
+            /* the constant 4 lets the compiler keep the four sums in registers; a last block of 1-3 rows */   \
             if (rows == 4) dot_rows_##T(y + i, x, w + (size_t)i * n, n, 4);                                     \
             else dot_rows_##T(y + i, x, w + (size_t)i * n, n, rows);                                            \
             if (scale)                                                                                          \

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from toolkit.errors import UserError
 from toolkit.models.decoding import PrefixCacheDecoder
 from toolkit.models.llama_config import tensor_shapes
 
@@ -176,6 +177,7 @@ class LlamaCPUDecoder(PrefixCacheDecoder):
 
 STEP_ENV = "LMKIT_DECODE_STEP"  # "numpy": the numpy step even where the C one was built; "c": the C one or an error
 DTYPES = ("float32", "bfloat16", "int8")
+NOT_BUILT = "reinstall lmkit (make install) with a C compiler (gcc or clang) on the PATH"
 
 
 class _CWeights(ctypes.Structure):
@@ -194,17 +196,19 @@ def c_library() -> ctypes.CDLL | None:
     built (no C compiler then) or LMKIT_DECODE_STEP=numpy."""
     choice = os.environ.get(STEP_ENV, "").lower()
     if choice not in ("", "c", "numpy"):
-        raise ValueError(f"{STEP_ENV}={choice}: expected c or numpy")
+        raise UserError(f"{STEP_ENV}={choice}: expected c or numpy")
+    prefetch = os.environ.get("LMKIT_PREFETCH", "16384")
+    if not prefetch.isdigit():
+        raise UserError(f"LMKIT_PREFETCH={prefetch}: expected a number of bytes (0 = no prefetch)")
     spec = None if choice == "numpy" else importlib.util.find_spec("toolkit.models._llama_cpu")
     if spec is None or not spec.origin:
         if choice == "c":
-            raise ValueError(f"{STEP_ENV}=c but the C decode step was not built: reinstall lmkit (make install) "
-                             "with a C compiler (gcc or clang) on the PATH")
+            raise UserError(f"{STEP_ENV}=c but the C decode step was not built: {NOT_BUILT}")
         return None
     lib = ctypes.CDLL(spec.origin)
     if lib.llama_cpu_abi() != 3:
         return None  # a library from another version of llama_cpu.c: the numpy step is right, if slower
-    lib.llama_cpu_set_prefetch(ctypes.c_long(int(os.environ.get("LMKIT_PREFETCH", "16384"))))
+    lib.llama_cpu_set_prefetch(ctypes.c_long(int(prefetch)))
     lib.llama_cpu_forward.restype = None
     lib.llama_cpu_forward.argtypes = [ctypes.POINTER(_CWeights), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
@@ -292,17 +296,19 @@ class CLlamaDecoder(LlamaCPUDecoder):
         return logits
 
 
-def cpu_decoder(weights: DecodeWeights, dtype: str = "float32") -> LlamaCPUDecoder:
-    """The CPU decoder for these weights: the C step where it was built, else the numpy one (fp32 only)."""
+def check_decode_dtype(dtype: str) -> None:
+    """ValueError unless a llama can decode in `dtype` here: bfloat16 and int8 are the C step's only."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype != "float32" and c_library() is None:
+        raise ValueError(f"{dtype} weights need the C decode step, which was not built here: {NOT_BUILT}, or run in float32")
+
+
+def cpu_decoder(weights: DecodeWeights, dtype: str = "float32") -> LlamaCPUDecoder:
+    """The CPU decoder for these weights: the C step where it was built, else the numpy one (fp32 only)."""
+    check_decode_dtype(dtype)
     lib = c_library()
-    if lib is not None:
-        return CLlamaDecoder(weights, lib, dtype)
-    if dtype != "float32":
-        raise ValueError(f"{dtype} weights need the C decode step, which was not built here: reinstall lmkit "
-                         "(make install) with a C compiler (gcc or clang) on the PATH, or run in float32")
-    return LlamaCPUDecoder(weights)
+    return LlamaCPUDecoder(weights) if lib is None else CLlamaDecoder(weights, lib, dtype)
 
 
 class LlamaBatch:
@@ -358,7 +364,7 @@ class NumpyLlama:
     loaded without torch."""
 
     is_encoder_decoder = False
-    decode_dtype = "float32"  # the C step's weights: "bfloat16" halves what each token reads (`lmkit chat --dtype`)
+    decode_dtype = "float32"  # the C step's weights: bfloat16 halves what each token reads, int8 quarters it
 
     def __init__(self, config, tensors: Mapping[str, np.ndarray]):
         self.config = config
