@@ -167,10 +167,12 @@ def time_run_c(binary: str, bin_path: Path, tok_path: Path, repeats: int, steps:
 
 def time_startup(bin_path: Path, tok_path: Path, repeats: int, run_c: str, threads: int) -> dict:
     """Wall time of a one-token greedy reply as a fresh process: `lmkit chat` on the .bin and on a run folder
-    imported from it, and, if given, run.c; alternated, a round of each per repeat."""
+    imported from it, and, if given, run.c; alternated, a round of each per repeat, after one round not counted
+    (it writes lmkit's .pyc files, as a pip install has, and warms the page cache)."""
     from toolkit.export import import_bin
 
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # without .pyc files every start compiles lmkit's modules again
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     run_path = import_bin(bin_path, tok_path, bin_path.parent / "run")
@@ -181,11 +183,12 @@ def time_startup(bin_path: Path, tok_path: Path, repeats: int, run_c: str, threa
     if run_c:
         commands["run_c"] = [run_c, str(bin_path), "-z", str(tok_path), "-t", "0", "-n", "2"]
     walls = {name: [] for name in commands}
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):
         for name, cmd in commands.items():
             t0 = time.perf_counter()
             subprocess.run(cmd, capture_output=True, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
-            walls[name].append(round(time.perf_counter() - t0, 3))
+            if round_:
+                walls[name].append(round(time.perf_counter() - t0, 3))
     return {name: {"median_s": statistics.median(w), "runs_s": w} for name, w in walls.items()}
 
 

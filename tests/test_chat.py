@@ -209,10 +209,10 @@ def test_weights_the_numpy_model_cannot_take_get_the_torch_loaders_error(sp, tmp
 def test_empty_stdin_is_a_user_error(runs):
     from typer.testing import CliRunner
 
-    from toolkit.cli import app
+    from toolkit.cli import build_app
     from toolkit.errors import UserError
 
-    result = CliRunner().invoke(app, ["chat", str(runs["base"]), "-n", "5"], input="")
+    result = CliRunner().invoke(build_app(), ["chat", str(runs["base"]), "-n", "5"], input="")
     assert isinstance(result.exception, UserError) and "stdin is empty" in str(result.exception)
 
 

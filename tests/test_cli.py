@@ -57,3 +57,27 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "toolkit", "data", str(tmp_path / "missing"), "-o",
                            str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "error: data source not found" in proc.stderr
+
+
+def test_a_subcommand_imports_only_its_own_module():
+    # `lmkit chat` builds only chat: a one-shot reply does not pay for importing train, eval, serve, audio...
+    code = ("import sys; from toolkit.cli import main\n"
+            "try:\n    main(['chat', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('toolkit.cli.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: lmkit chat" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "['toolkit.cli.chat']"
+
+
+def test_root_help_lists_every_subcommand_and_an_unknown_one_is_refused(capsys):
+    from toolkit.cli import COMMANDS
+
+    code, out, _ = lmkit(capsys, "--help")
+    assert code == 0
+    for name in COMMANDS:
+        assert name in out
+    code, out, err = lmkit(capsys, "-q", "chatt", "x")
+    assert code == 2 and "No such command" in out + err
+    code, out, _ = lmkit(capsys, "-q", "recipes", "--help")  # root options before the subcommand
+    assert code == 0 and "Usage" in out

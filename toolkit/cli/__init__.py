@@ -7,6 +7,7 @@ options and calls the library. A `UserError` anywhere ends in one line on stderr
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -19,14 +20,22 @@ from toolkit.errors import UserError
 DEBUG = False
 
 
-app = typer.Typer(
-    name="lmkit",
-    help="lmkit: from a folder of text (or music) to a trained, evaluated, exported, chattable language model.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# The subcommands, in `lmkit --help` order: name -> (module under toolkit.cli, its Typer app or command function).
+# A run imports and builds only the subcommand it names: a one-shot `lmkit chat --prompt` spends its start-up on
+# the reply, not on importing and building the other ten (`lmkit --help` and an unknown name build them all).
+COMMANDS = {
+    "recipes": ("recipes", "app"),
+    "audio": ("audio", "app"),
+    "data": ("data", "app"),
+    "vocab": ("vocab", "vocab"),
+    "pretokenize": ("pretokenize", "pretokenize"),
+    "train": ("train", "train"),
+    "eval": ("eval", "app"),
+    "plot": ("plot", "plot"),
+    "export": ("export", "export"),
+    "chat": ("chat", "chat"),
+    "serve": ("serve", "serve"),
+}
 
 
 def _version(value: bool):
@@ -35,7 +44,6 @@ def _version(value: bool):
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
@@ -46,34 +54,40 @@ def root(
     console.set_quiet(quiet)
 
 
-def _register():
-    from toolkit.cli import audio, data, eval, pretokenize, recipes, train, vocab
+def build_app(only: str | None = None) -> typer.Typer:
+    """The `lmkit` Typer app with every subcommand, or with only the one named `only`."""
+    app = typer.Typer(
+        name="lmkit",
+        help="lmkit: from a folder of text (or music) to a trained, evaluated, exported, chattable language model.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(root)
+    for name, (module, attribute) in COMMANDS.items():
+        if only is None or name == only:
+            command = getattr(importlib.import_module(f"toolkit.cli.{module}"), attribute)
+            if isinstance(command, typer.Typer):
+                app.add_typer(command, name=name)
+            else:
+                app.command(name)(command)
+    return app
 
-    app.add_typer(recipes.app, name="recipes")
-    app.add_typer(audio.app, name="audio")
-    app.add_typer(data.app, name="data")
-    app.command("vocab")(vocab.vocab)
-    app.command("pretokenize")(pretokenize.pretokenize)
-    app.command("train")(train.train)
-    app.add_typer(eval.app, name="eval")
-    from toolkit.cli import plot
 
-    app.command("plot")(plot.plot)
-
-    from toolkit.cli import chat, export
-
-    app.command("export")(export.export)
-    app.command("chat")(chat.chat)
-    from toolkit.cli import serve
-    app.command("serve")(serve.serve)
-
-
-_register()
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand `argv` runs, when it names one: the root options (--debug, -q, ...) take no values, so it is
+    the first argument that is not an option."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="lmkit")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        build_app(command_named(argv))(args=argv, prog_name="lmkit")
     except UserError as e:
         if DEBUG:
             raise
