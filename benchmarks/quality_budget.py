@@ -5,7 +5,9 @@ val loss and bits per byte on the whole val split as JSON, with mean ± 95% t in
     python benchmarks/quality_budget.py recipes/tinystories15m.toml --data path/to/tinystories --minutes 8 \\
         --seeds 3 --set train.batch_size=16 --set train.grad_accum=1 --set train.lr=1e-3
 
-Runs one seed at a time (two at once on the same cores would halve each other's speed). Each run's
+Runs one seed at a time (two at once on the same cores would halve each other's speed). To compare two recipes
+on a machine whose speed drifts, alternate them a seed at a time (`--seeds 1 --first-seed K`, the same --out for a
+recipe) and compare the folders with `lmkit eval compare`. Each run's
 `budget_used_s` is the time it counted against the budget (steps, evals, checkpoints: state.pt's wall_s),
 `train_wall_s` that and the data preparation.
 """
@@ -35,7 +37,9 @@ def main():
     ap.add_argument("recipe")
     ap.add_argument("--data", required=True, help="any `lmkit data` source")
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--seeds", type=int, default=1, help="train.seed = 0 .. N-1, one run each")
+    ap.add_argument("--seeds", type=int, default=1, help="train.seed = F .. F+N-1 (F: --first-seed), one run each")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="the first train.seed: run two recipes a seed at a time, alternating, into one --out each")
     ap.add_argument("--separator", default="blank-line", help="how .txt files split into documents")
     ap.add_argument("--evals", type=int, default=0, help="evals during training besides the final one (0 = none)")
     ap.add_argument("--out", default="", help="folder for the runs (default: a temporary one)")
@@ -45,7 +49,7 @@ def main():
     base = [f"data.source={args.data}", f"data.separator={args.separator}", f"train.max_minutes={args.minutes}",
             "train.plot=false", *args.overrides]
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         r = recipe_lib.load(args.recipe, base + [f"train.seed={seed}"])
         if not args.evals:
             r = r.replace(train=dataclasses.replace(r.train, eval_interval=10**9))
