@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
 from rich.text import Text
 
@@ -98,5 +97,3 @@ def main(argv: list[str] | None = None) -> None:
             raise
         console.console.print("interrupted")
         sys.exit(130)
-    except click.exceptions.Exit as e:  # raised when standalone_mode is off
-        sys.exit(e.exit_code)
