@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import lmkit
 
 from toolkit import recipe as recipe_lib
-from toolkit.errors import UserError
+from toolkit.errors import RecipeError, UserError
 from toolkit.export.llama2c import export_model
 from toolkit.generate import Sampling, generate
 from toolkit.models.llama import Config, Model
@@ -44,6 +44,29 @@ def test_switches_off_are_todays_llama(tie):
     assert torch.equal(la, lb) and torch.equal(lossa, lossb)
     assert lossa.item() == pytest.approx(before, abs=1e-5)
     assert Config(**SMALL).standard and default.make_decoder() is not None
+
+
+def test_attention_dropout_defaults_to_dropout_and_can_be_set_apart(monkeypatch):
+    import toolkit.models.llama as llama
+
+    idx = batch()[0]
+    outputs = []
+    for kw in (dict(dropout=0.1), dict(dropout=0.1, attention_dropout=0.1)):  # -1 (the default) is dropout's p
+        m = build(**kw).train()
+        torch.manual_seed(1)
+        outputs.append(m(idx)[0])
+    assert torch.equal(*outputs)
+    m = build(attention_dropout=0.5).train()  # attention dropout alone: training is random, eval is not
+    assert not torch.equal(m(idx)[0], m(idx)[0])
+    assert torch.equal(m.eval()(idx)[0], m(idx)[0])
+    seen = []
+    real = llama.attention
+    monkeypatch.setattr(llama, "attention", lambda q, k, v, mask, causal, p, impl: seen.append(p) or
+                        real(q, k, v, mask, causal, p, impl))
+    build(dropout=0.1, attention_dropout=0.0).train()(idx)  # residual dropout only
+    assert seen == [0.0, 0.0]
+    with pytest.raises(RecipeError, match="-1 for dropout"):
+        Config(**SMALL, attention_dropout=1.5)
 
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_wq_and_wk():

@@ -383,7 +383,7 @@ def load(name_or_path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 # model keys a fine-tune may change without changing what the base model is (training-time settings, and how
 # attention is computed)
-TRAINING_ONLY_MODEL_KEYS = {"dropout", "attention"}
+TRAINING_ONLY_MODEL_KEYS = {"dropout", "attention_dropout", "attention"}
 
 
 def load_onto(name_or_path: str | Path, overrides: list[str], base: Recipe, base_name: str) -> Recipe:

@@ -425,8 +425,8 @@ def merged_llama_config(values: dict, base, tok_vocab: int):
         del values["n_kv_heads"]
     if base.vocab_size == 0 and values.get("vocab_size") == tok_vocab:
         del values["vocab_size"]
-    if "dropout" in values:
-        del values["dropout"]
+    for key in ("dropout", "attention_dropout"):
+        values.pop(key, None)
     return replace(base, **values)
 
 

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
         self.wv = nn.Linear(c.dim, c.kv_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.dropout = c.dropout
+        self.dropout = c.dropout if c.attention_dropout == -1.0 else c.attention_dropout
         self.qk_norm, self.eps = c.qk_norm, c.norm_eps
         self.impl = c.attention
 

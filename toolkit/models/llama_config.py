@@ -23,6 +23,9 @@ class Config:
     rope_theta: float = 10000.0
     max_seq_len: int = 256
     dropout: float = 0.0
+    # dropout on the attention probabilities; -1 = `dropout` (llama2.c: one p for both). On a CPU it costs a
+    # random number per probability (B x heads x T x T a layer), more than the residual dropout's B x T x dim
+    attention_dropout: float = -1.0
     tie_embeddings: bool = True
     # modern small-model switches (recipes/llama_fast.toml); the defaults are llama2.c's model
     qk_norm: bool = False  # RMS-normalise queries and keys per head after RoPE (no gain), as nanochat
@@ -44,6 +47,8 @@ class Config:
         check(self.multiple_of > 0, "multiple_of", "a positive integer")
         check(self.max_seq_len > 0, "max_seq_len", "a positive length")
         check(0.0 <= self.dropout < 1.0, "dropout", "a probability in [0, 1)")
+        check(self.attention_dropout == -1.0 or 0.0 <= self.attention_dropout < 1.0, "attention_dropout",
+              "a probability in [0, 1), or -1 for dropout's")
         check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
         check_choice(self.attention, "attention", ("sdpa", "matmul", "auto"))
         check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
