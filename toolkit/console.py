@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # markup off: what users wrote ("[model]" in a recipe error, a path with brackets) prints as it is
 console = Console(stderr=True, highlight=False, markup=False)
@@ -20,8 +19,11 @@ def info(message: str, style: str | None = None) -> None:
         console.print(message, style=style, soft_wrap=True)
 
 
-def progress(*extra_columns) -> Progress:
+def progress(*extra_columns):
     """A Rich progress bar with rate and ETA; silent under --quiet."""
+    # imported here: rich.progress is a fifth of a one-shot `lmkit chat`'s import time, and chat has no bar
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
