@@ -12,7 +12,7 @@ DEMO ?= out/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py toolkit/models/llama_cpu.c constraints.txt
+$(VENV)/.installed: pyproject.toml setup.py toolkit/models/llama_cpu.c toolkit/models/attractor/relax_cpu.c toolkit/models/exp_f32.h constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt $(TORCH)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'

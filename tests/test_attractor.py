@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit import recipe as recipe_lib
-from toolkit.errors import UserError
+from toolkit.errors import RecipeError, UserError
 from toolkit.models.attractor import Config, Model, relax
 from toolkit.models.attractor import model as attractor_model
 
@@ -431,6 +431,80 @@ def test_hand_written_backward_equals_autograd(case, monkeypatch):
         assert (out[True][0][0] - S0.detach()).abs().max() > 1e-3
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+needs_c_relaxation = pytest.mark.skipif(relax.c_library() is None, reason="relax_cpu.c not built (no C compiler)")
+
+
+def relaxation_with_gradients(kernel: str, case: str):
+    """States, final state, tension and the gradients of S0 and the heads, fp32, through `relaxation_kernel`."""
+    kw = {"all_fire": dict(steps=5, dt=2.0), "no_change": dict(steps=3, dt=0.0),
+          "no_breaks": dict(steps=5, dt=2.0, breaks=False)}[case]
+    m = tiny(relaxation_kernel=kernel, **kw)
+    if case == "no_change":  # no coupling and no energy step: every break meets delta = 0
+        with torch.no_grad():
+            m.coupling_dt.fill_(-60.0)
+    x = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(3))
+    S0 = m.embed(m.windows(x).reshape(-1, 4)).detach().requires_grad_()
+    torch.manual_seed(5)
+    S, states, T = m.relax(S0, rows=3, keep_states=True)
+    torch.manual_seed(6)
+    loss = (torch.randn_like(states) * states).sum() + (torch.randn_like(S) * S).sum() + 3 * T.sum()
+    grads = torch.autograd.grad(loss, [S0, m.energy_w1, m.energy_b1, m.energy_w2])
+    return [states.detach(), S.detach(), T.detach(), *grads]
+
+
+@needs_c_relaxation
+@pytest.mark.parametrize("case", ["all_fire", "no_change", "no_breaks"])
+def test_c_relaxation_equals_the_torch_node(case):
+    """relax_cpu.c (`relaxation_kernel = "auto"` on CPU) against the torch node: the states, the tension and the
+    gradients of the input and of the energy heads (second order), in fp32."""
+    c_out, torch_out = relaxation_with_gradients("auto", case), relaxation_with_gradients("torch", case)
+    for name, a, b in zip(["states", "final", "tension", "S0", "w1", "b1", "w2"], c_out, torch_out):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
+    assert case == "no_change" or c_out[4].abs().sum() > 0  # (dt = 0: the heads get no gradient)
+    assert (case == "no_breaks") == (c_out[3].abs().sum() == 0)  # S0's gradient flows through the breaks only
+
+
+@needs_c_relaxation
+def test_c_relaxation_trains_as_the_torch_node():
+    """Eight training steps of the whole trajectory loss (bf16 readouts, Adam, clipping) from the same weights and
+    batches: the losses of the two kernels agree to 1e-4."""
+    from toolkit.device import autocast
+    from toolkit.train.loop import train_step
+    from toolkit.train.optim import build_optimizers
+
+    r = recipe_lib.load("recipes/attractor_a1.toml", ["model.steps=4", "model.dim=32", "model.max_seq_len=8"])
+    losses = {}
+    for kernel in ("auto", "torch"):
+        torch.manual_seed(0)
+        m = Model(Config(**{**r.model.__dict__, "vocab_size": 64, "relaxation_kernel": kernel}))
+        m.train()
+        opts = build_optimizers(m, r.train, "cpu")
+        g = torch.Generator().manual_seed(1)
+        losses[kernel] = []
+        for i in range(8):
+            x, y = torch.randint(0, 64, (16, 8), generator=g), torch.randint(0, 64, (16, 8), generator=g)
+            torch.manual_seed(100 + i)
+            amp = autocast(torch.device("cpu"), torch.bfloat16)
+            losses[kernel].append(train_step(m, m, opts, [(x, y)], amp, 1.0).item())
+    assert losses["auto"] == pytest.approx(losses["torch"], abs=1e-4)
+    assert losses["auto"][-1] < losses["auto"][0]
+
+
+def test_relaxation_kernel_switch(monkeypatch):
+    """"torch" never calls the C node; "c" where the library was not built is one clear error."""
+    def fail(*args):
+        raise AssertionError("the C relaxation ran")
+
+    monkeypatch.setattr(relax.RelaxationC, "apply", fail)
+    relaxation_with_gradients("torch", "all_fire")
+    monkeypatch.setattr(relax, "c_library", lambda: None)
+    relaxation_with_gradients("auto", "all_fire")  # not built: the torch node
+    with pytest.raises(UserError, match="relaxation_kernel = \"c\" but the C relaxation was not built"):
+        relaxation_with_gradients("c", "all_fire")
+    with pytest.raises(RecipeError, match="'auto', 'c', 'torch'"):
+        Config(**{**TINY, "relaxation_kernel": "fast"})
 
 
 def test_bf16_autocast_relaxes_in_fp32_and_reads_out_in_bf16():

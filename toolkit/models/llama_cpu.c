@@ -16,6 +16,8 @@
 #include <omp.h>
 #endif
 
+#include "exp_f32.h"
+
 typedef struct {
     int dim, n_layers, n_heads, kv_heads, head_dim, ffn_dim, vocab_size, max_seq_len;
     int wtype;                /* the matrices: 0 float32, 1 bfloat16 (uint16, a float32's high half), 2 int8 */
@@ -45,25 +47,6 @@ static inline float bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
-}
-
-/* e^x to about 1 ulp (Cephes' expf), branch-free so that a loop of it vectorises: libm's expf is a call per
- * element, and the softmax and SiLU exponentials took a third of a 288/6/6 step at 256 positions. */
-static inline float exp_f32(float x) {
-    x = fminf(fmaxf(x, -87.3f), 88.3f);  /* 2^n stays a normal float */
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 /* The bytes a block of rows asks for ahead of itself: one core's hardware prefetch alone left a 288/6/6 step at

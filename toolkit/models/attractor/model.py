@@ -62,6 +62,8 @@ class Config:
     breaks: bool = True  # low/high-tension directional breaks
     vectorized: bool = True  # False: the seed's autograd.grad + per-wave/per-position loops (slow reference)
     compile_relaxation: bool = False  # torch.compile the outer step alone (one graph reused by every step)
+    relaxation_kernel: str = "auto"  # CPU training: "auto" = the C relaxation (relax_cpu.c) where it was built,
+    #                                  "c" = that or an error, "torch" = the torch node (the numbers before it)
     # sampling defaults of the seed's generate (for chat/generate; see docs/attractor.md)
     sample_top_k: int = 28
     sample_temperature: float = 1.02
@@ -85,6 +87,7 @@ class Config:
         check(self.entropy_floor in ENTROPY_FLOORS if isinstance(self.entropy_floor, str) else self.entropy_floor >= 0,
               "entropy_floor", '"seed", "lmkit" or a number of nats >= 0')
         check_choice(self.repulsion_pool, "repulsion_pool", REPULSION_POOLS)
+        check_choice(self.relaxation_kernel, "relaxation_kernel", ("auto", "c", "torch"))
         check(self.sample_top_k >= 0 and self.sample_temperature >= 0, "sample_top_k", "values >= 0")
 
     @property

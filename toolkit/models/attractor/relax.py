@@ -6,6 +6,8 @@ Two ways to run it, with the same numbers:
   batched matmul over W and the energy heads two `baddbmm` per step, with grad E in closed form; in
   training with the seed's switches the whole loop is one autograd node with a hand-written backward
   (`Relaxation`, its tape one `StepTape` per step);
+- `RelaxationC`: the same node in C (relax_cpu.c, built at install), for CPU training in fp32
+  (`relaxation_kernel`: "auto" takes it where it was built, "torch" keeps the node above);
 - `relax_seed_style` (`vectorized = false`): the seed's way, autograd.grad with create_graph for grad E, one
   head call per wave and the coupling as a double loop over positions (the slow baseline of the benchmarks).
 
@@ -21,6 +23,9 @@ mean, the break decisions) act per group of `rows`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -381,6 +386,84 @@ class Relaxation(torch.autograd.Function):
         return G, g_w1, 2 * g_two_b1[:, 0], 4 * g_four_w2[:, 0], None, None, None, None, None
 
 
+NOT_BUILT = "reinstall lmkit (make install) with a C compiler (gcc or clang) on the PATH"
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """relax_cpu.c as built by setup.py, or None where it was not (no C compiler at install)."""
+    spec = importlib.util.find_spec("toolkit.models.attractor._relax_cpu")
+    if spec is None or not spec.origin:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    if lib.relax_cpu_abi() != 1:
+        return None  # a library from another version of relax_cpu.c: the torch node is right, if slower
+    ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p]
+    lib.relax_cpu_forward.argtypes = ints + ptrs * 18
+    lib.relax_cpu_backward.argtypes = ints + ptrs * 23
+    lib.relax_cpu_forward.restype = lib.relax_cpu_backward.restype = None
+    return lib
+
+
+def use_c_kernel(c, S: torch.Tensor) -> bool:
+    """Whether `relax_fast` runs `RelaxationC`: `relaxation_kernel` "c" (an error where the library was not built)
+    or "auto" (where it was), for fp32 states on the CPU."""
+    if c.relaxation_kernel == "torch" or S.device.type != "cpu" or S.dtype != torch.float32:
+        return False
+    if c_library() is None:
+        if c.relaxation_kernel == "c":
+            from toolkit.errors import UserError
+
+            raise UserError(f"model.relaxation_kernel = \"c\" but the C relaxation was not built: {NOT_BUILT}")
+        return False
+    return True
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class RelaxationC(torch.autograd.Function):
+    """`Relaxation` in C (relax_cpu.c) on the states in the model's (N, W, D) layout: the same inputs, outputs and
+    arithmetic, in two calls (forward with its tape, backward) instead of ~40 torch operations a step. Returns the
+    post-step states (K, N, W, D), the final state (N, W, D), the last step's normalised state before its break
+    (N, W, D) and its `unit_counts` (W, N)."""
+
+    @staticmethod
+    def forward(ctx, S0, w1, b1, w2, M, direction, step: float, rows: int, c):
+        N, W, D = S0.shape
+        H, d, K = c.n_waves, c.wave_dim, c.steps
+        heads = FoldedHeads.fold(w1.detach(), b1.detach(), w2.detach(), step)
+        folded = [t.contiguous() for t in (heads.two_w1t, heads.two_b1, heads.four_w2, heads.minus_step_w1,
+                                           heads.minus_step_w1.transpose(1, 2))]
+        M = M.detach().contiguous()
+        S0 = S0.detach().contiguous()
+        states, sg, zeroed, Y = (S0.new_empty(K, N, W, D) for _ in range(4))
+        nY, n_moved = S0.new_empty(K, N, W, H), S0.new_empty(K, N, W, H)
+        dn, coef = S0.new_empty(K, N, W), S0.new_empty(K, N, W)
+        work = S0.new_empty(2, N)
+        c_library().relax_cpu_forward(N, W, H, d, K, rows, int(c.breaks), *map(_ptr, (M, *folded, S0, direction,
+                                      states, sg, zeroed, Y, nY, dn, coef, n_moved, work[0], work[1])))
+        ctx.save_for_backward(S0, M, *folded, states, sg, zeroed, Y, nY, dn, coef, n_moved)
+        ctx.shape, ctx.step = (N, W, H, d, K, rows, int(c.breaks)), step
+        last_sq = torch.sum(nY[-1] > 1e-12, -1, dtype=S0.dtype).t()  # (W, N), as `unit_counts`
+        ctx.mark_non_differentiable(last_sq)
+        return states, states[-1].clone(), Y[-1], last_sq
+
+    @staticmethod
+    def backward(ctx, g_states, g_final, g_last_Y, _):
+        S0, M, *folded, states, sg, zeroed, Y, nY, dn, coef, n_moved = ctx.saved_tensors
+        N, W, H, d, K, rows, breaks = ctx.shape
+        grads = [t.contiguous() if t is not None else None for t in (g_states, g_final, g_last_Y)]
+        gX0 = torch.empty_like(S0)
+        g_heads = [torch.zeros_like(t) for t in folded[:4]]  # two_w1t, two_b1, four_w2, minus_step_w1
+        c_library().relax_cpu_backward(N, W, H, d, K, rows, breaks, *map(_ptr, (M, *folded, S0, states, sg, zeroed,
+                                       Y, nY, dn, coef, n_moved, *grads, gX0, *g_heads)))
+        g_two_w1t, g_two_b1, g_four_w2, g_minus_step_w1 = g_heads
+        g_w1 = 2 * g_two_w1t.transpose(1, 2) - ctx.step * g_minus_step_w1
+        return gX0, g_w1, 2 * g_two_b1[:, 0], 4 * g_four_w2[:, 0], None, None, None, None, None
+
+
 def relax_fast(S, w1, b1, w2, M, c, rows: int, step: float, keep_states: bool, hand_backward: bool = True,
                step_fn=fast_step):
     """The fast relaxation of S0 (N, W, D) with the coupling matrix M (W, W) and the energy heads (w1, b1, w2);
@@ -389,11 +472,17 @@ def relax_fast(S, w1, b1, w2, M, c, rows: int, step: float, keep_states: bool, h
     `Relaxation` node; otherwise `step_fn` (`fast_step` or a compiled one) runs under autograd or no_grad."""
     H, W, d = c.n_waves, c.window, c.wave_dim
     N = S.shape[0]
+    hand = (hand_backward and torch.is_grad_enabled() and c.normalize_states and not c.backprop_through_relaxation
+            and step_fn is fast_step and not torch.compiler.is_compiling())  # (dynamo does not trace the node)
+    if hand and use_c_kernel(c, S):
+        direction = random_directions(W, N, H * d, S.device, S.dtype).transpose(0, 1).contiguous()  # (N, W, D)
+        states, final, last_Y, last_sq = RelaxationC.apply(S.contiguous(), w1, b1, w2, M, direction, step, rows, c)
+        T = fast_tension(last_Y.view(N, W, H, d).permute(2, 1, 0, 3), last_sq)
+        return final, states if keep_states else [], T
     X = S.view(N, W, H, d).permute(2, 1, 0, 3).contiguous()
     M = M.expand(H, W, W)
     direction = random_directions(W, N, H * d, S.device, S.dtype).view(W, N, H, d).permute(2, 0, 1, 3).contiguous()
-    if (hand_backward and torch.is_grad_enabled() and c.normalize_states and not c.backprop_through_relaxation
-            and step_fn is fast_step and not torch.compiler.is_compiling()):  # (dynamo does not trace the node)
+    if hand:
         states, final, last_Y, last_sq = Relaxation.apply(X, w1, b1, w2, M, direction, step, rows, c)
         return final, states if keep_states else [], fast_tension(last_Y, last_sq)
     heads = FoldedHeads.fold(w1, b1, w2, step)
