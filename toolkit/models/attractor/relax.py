@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from toolkit.errors import UserError
+
 # the seed's constants (seeds.md 1.2)
 NORM_CLAMP = (1e-3, 12.0)  # per-wave norm clamp after an energy step
 TENSION_COS_WEIGHT = 0.35
@@ -412,8 +414,6 @@ def use_c_kernel(c, S: torch.Tensor) -> bool:
         return False
     if c_library() is None:
         if c.relaxation_kernel == "c":
-            from toolkit.errors import UserError
-
             raise UserError(f"model.relaxation_kernel = \"c\" but the C relaxation was not built: {NOT_BUILT}")
         return False
     return True
