@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.errors import UserError
+from toolkit.models.llama_cpu import NOT_BUILT
 
 # the seed's constants (seeds.md 1.2)
 NORM_CLAMP = (1e-3, 12.0)  # per-wave norm clamp after an energy step
@@ -386,9 +387,6 @@ class Relaxation(torch.autograd.Function):
         # every step's intermediates wait for Python's cyclic GC (the trainer's RSS grew to 6 GB)
         ctx.tape = ctx.heads = ctx.M = None
         return G, g_w1, 2 * g_two_b1[:, 0], 4 * g_four_w2[:, 0], None, None, None, None, None
-
-
-NOT_BUILT = "reinstall lmkit (make install) with a C compiler (gcc or clang) on the PATH"
 
 
 @functools.cache
