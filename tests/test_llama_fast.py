@@ -186,6 +186,22 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit_and_its_fp32_iteration_orthogona
     assert torch.allclose(opt.state[w]["momentum_buffer"], 0.05 * w.grad)  # (1 - momentum) x the first gradient
 
 
+def test_stacked_newton_schulz_is_each_matrix_on_its_own_in_the_callers_order():
+    """Muon batches the matrices of one shape (a tall one as its transpose) into one Newton-Schulz: each result
+    must be that matrix's own iteration, returned in the order and orientation it came in."""
+    from toolkit.train.optim import newton_schulz, newton_schulz_stacked
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(48, 16), (16, 16), (16, 48), (16, 16), (24, 40), (48, 16), (16, 16)]
+    updates = [torch.randn(s, generator=g) * (i + 1) for i, s in enumerate(shapes)]  # unequal norms per matrix
+    coefficients = (3.4445, -4.775, 2.0315)
+    stacked = newton_schulz_stacked(updates, coefficients, 5, 1e-7, torch.float32)
+    for u, x in zip(updates, stacked):
+        assert x.shape == u.shape
+        torch.testing.assert_close(x, newton_schulz(u, coefficients, 5, 1e-7, torch.float32), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(stacked[1], stacked[3])  # not one matrix's result copied to its batch
+
+
 def test_a_head_group_on_a_tied_model_is_said_unused_and_a_misspelt_group_is_refused(capsys):
     r = recipe_lib.load("recipes/llama_fast.toml", ["data.source=synthetic", "train.groups.head.lr=1e-4"])
     optimizers = build_optimizers(build(tie_embeddings=True), r.train, "cpu")

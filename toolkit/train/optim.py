@@ -53,23 +53,49 @@ def default_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """The update with its singular values pushed to about 1 (Keller Jordan's quintic iteration), computed in
-    `dtype`; in bf16 the same operations as torch.optim.Muon's, so the same numbers."""
+    `dtype`; in bf16 the same operations as torch.optim.Muon's, so the same numbers. `update` is one matrix, or a
+    stack of matrices of one shape (batch, rows, cols), each orthogonalised on its own."""
     a, b, c = coefficients
     x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
+    tall = update.size(-2) > update.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1; not in place: in fp32 `x` may be the
-    # caller's tensor (the momentum buffer itself without Nesterov)
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1; not in place: in fp32 `x` may be the caller's tensor (the momentum
+    # buffer itself without Nesterov)
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        if x.dim() == 2:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def newton_schulz_stacked(updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int,
+                          eps: float, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`newton_schulz` of each update, with the updates of one shape (a tall one counted as its transpose)
+    stacked into one batch: llama_fast's 42 matrices are two shapes, so 30 batched matmuls a step instead of
+    630 small ones (10-15 % less time here; the same numbers)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault((min(u.shape), max(u.shape)), []).append(i)
+    out: list[torch.Tensor] = [None] * len(updates)
+    for indices in by_shape.values():
+        if len(indices) == 1:
+            out[indices[0]] = newton_schulz(updates[indices[0]], coefficients, steps, eps, dtype)
+            continue
+        wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in indices]
+        stacked = newton_schulz(torch.stack([w.to(dtype) for w in wide]), coefficients, steps, eps, dtype)
+        for i, x in zip(indices, stacked):
+            out[i] = x.mT if updates[i].size(0) > updates[i].size(1) else x
+    return out
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype`: torch's is fixed to bf16, which a CPU
-    without native bf16 emulates (llama_fast's 42 matrices: 13 s a step in bf16 on an AVX2 CPU, 0.55 s in fp32)."""
+    """torch.optim.Muon with its Newton-Schulz iteration in `ns_dtype` and batched over same-shaped matrices:
+    torch's is fixed to bf16, which a CPU without native bf16 emulates (llama_fast's 42 matrices: 13 s a step in
+    bf16 on an AVX2 CPU, 0.55 s in fp32), and runs one matrix at a time."""
 
     def __init__(self, params, lr: float, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
         super().__init__(params, lr=lr, adjust_lr_fn="original", **kwargs)
@@ -85,10 +111,13 @@ class Muon(torch.optim.Muon):
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             lr, momentum = group["lr"], group["momentum"]
-            for p, grad, buffer in zip(params, grads, buffers):
+            updates = []
+            for grad, buffer in zip(grads, buffers):
                 buffer.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+            updates = newton_schulz_stacked(updates, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                            self.ns_dtype)
+            for p, update in zip(params, updates):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))  # torch's "original" scale
         return loss
