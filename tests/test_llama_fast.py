@@ -81,6 +81,31 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_wq_and_wk():
         assert torch.allclose(before, after, atol=1e-4) == invariant
 
 
+def test_qk_norm_gain_starts_as_qk_norm_and_its_gains_scale_the_attention_logits(monkeypatch):
+    import toolkit.models.llama as llama
+
+    plain, gained = build(qk_norm=True), build(qk_norm=True, qk_norm_gain=True)
+    missing = gained.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"layers.{i}.attention.{n}_norm.weight" for i in range(2) for n in "qk")
+    idx, targets = batch()
+    assert torch.allclose(plain(idx)[0], gained(idx)[0], atol=1e-5)  # gains of 1: the same model
+    gained(idx, targets)[1].backward()
+    assert gained.layers[0].attention.q_norm.weight.grad.abs().sum() > 0  # the gains train (scalar group)
+    with torch.no_grad():  # gains of 2 (q) and 3 (k): q.k x 6, which no_gain qk_norm cannot express
+        for layer in gained.layers:
+            layer.attention.q_norm.weight.fill_(2.0)
+            layer.attention.k_norm.weight.fill_(3.0)
+    real = llama.attention
+    monkeypatch.setattr(llama, "attention", lambda q, k, v, mask, causal, p, impl:
+                        real(q * 6.0, k, v, mask, causal, p, impl))
+    sharpened = plain(idx)[0]
+    monkeypatch.setattr(llama, "attention", real)
+    assert torch.allclose(gained(idx)[0], sharpened, atol=1e-4)
+    assert not torch.allclose(plain(idx)[0], sharpened, atol=1e-2)
+    with pytest.raises(RecipeError, match="qk_norm = true as well"):
+        Config(**SMALL, qk_norm_gain=True)
+
+
 def test_relu2_mlp_is_two_matrices_and_squared_relu():
     m = build(mlp="relu2")
     ff = m.layers[0].feed_forward

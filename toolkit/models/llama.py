@@ -47,14 +47,18 @@ class Attention(nn.Module):
         self.dropout = c.dropout if c.attention_dropout == -1.0 else c.attention_dropout
         self.qk_norm, self.eps = c.qk_norm, c.norm_eps
         self.impl = c.attention
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm_gain else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm_gain else None
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # normalised with a gain, then rotated (a gain after RoPE would make q.k
+            q, k = self.q_norm(q), self.k_norm(k)  # depend on more than the positions' distance)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.qk_norm:
+        if self.qk_norm and self.q_norm is None:
             q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
             k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
         if cache is not None:

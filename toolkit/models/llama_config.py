@@ -29,6 +29,9 @@ class Config:
     tie_embeddings: bool = True
     # modern small-model switches (recipes/llama_fast.toml); the defaults are llama2.c's model
     qk_norm: bool = False  # RMS-normalise queries and keys per head after RoPE (no gain), as nanochat
+    # with qk_norm: a learnt gain per head dimension (q_norm, k_norm: Qwen3's and OLMo 2's), normalised before
+    # RoPE; without it a normalised q.k / sqrt(head_dim) cannot pass +-sqrt(head_dim) (6.9 for head size 48)
+    qk_norm_gain: bool = False
     mlp: str = "swiglu"  # swiglu (w2(silu(w1 x) * w3 x)) | relu2 (w2(relu(w1 x)^2), no w3)
     zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
     logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
@@ -52,6 +55,7 @@ class Config:
         check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
         check_choice(self.attention, "attention", ("sdpa", "matmul", "auto"))
         check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
+        check(self.qk_norm or not self.qk_norm_gain, "qk_norm_gain", "qk_norm = true as well (the gain is the norm's)")
 
     def runtime_blockers(self) -> list[str]:
         """The switches that llama2.c's run.c, transformers' LlamaForCausalLM and llama.cpp's llama cannot run:
