@@ -106,6 +106,37 @@ def test_qk_norm_gain_starts_as_qk_norm_and_its_gains_scale_the_attention_logits
         Config(**SMALL, qk_norm_gain=True)
 
 
+def test_value_embeddings_start_at_zero_and_feed_layer_j_and_its_mirror(monkeypatch):
+    import toolkit.models.llama as llama
+
+    kw = dict(n_layers=4, qk_norm=True)
+    plain, ve = build(**kw), build(**kw, value_embeddings=2)
+    assert sorted(ve.load_state_dict(plain.state_dict(), strict=False).missing_keys) == \
+        ["value_embeds.0.weight", "value_embeds.1.weight"]
+    idx, targets = batch()
+    assert torch.equal(plain(idx)[0], ve(idx)[0])  # zero tables: the model without them
+    ve(idx, targets)[1].backward()
+    assert all(t.weight.grad.abs().sum() > 0 for t in ve.value_embeds)  # and they learn
+    with torch.no_grad():
+        for t in ve.value_embeds:
+            t.weight.normal_()
+    seen = {}
+    real = llama.Attention.forward
+
+    def spy(self, x, cos, sin, cache=None, layer=0, pos=0, ve_=None):
+        seen[layer] = ve_
+        return real(self, x, cos, sin, cache, layer, pos, ve_)
+
+    monkeypatch.setattr(llama.Attention, "forward", spy)
+    out = ve(idx)[0]
+    table = [t(idx) for t in ve.value_embeds]
+    assert all(torch.equal(seen[i], table[j]) for i, j in ((0, 0), (2, 0), (1, 1), (3, 1)))
+    assert not torch.allclose(out, plain(idx)[0], atol=1e-3)
+    assert all(seen[i] is None for i in range(4))  # the plain model passes none
+    with pytest.raises(RecipeError, match="0 \\(off\\) to n_layers / 2 = 2 tables, got 3"):
+        Config(**{**SMALL, **kw}, value_embeddings=3)
+
+
 def test_relu2_mlp_is_two_matrices_and_squared_relu():
     m = build(mlp="relu2")
     ff = m.layers[0].feed_forward
@@ -246,7 +277,8 @@ def test_muon_refuses_tensors_that_are_not_matrices():
 
 
 @pytest.mark.parametrize("switch,name", [({"qk_norm": True}, "qk_norm"), ({"mlp": "relu2"}, "mlp = relu2"),
-                                         ({"logit_softcap": 10.0}, "logit_softcap")])
+                                         ({"logit_softcap": 10.0}, "logit_softcap"),
+                                         ({"value_embeddings": 1}, "value_embeddings")])
 def test_export_refuses_a_switch_no_runtime_can_run(switch, name, tmp_path):
     with pytest.raises(UserError, match=f"run.c cannot run this llama's {name}"):
         export_model(build(**switch), tmp_path / "m.bin")

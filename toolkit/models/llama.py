@@ -50,11 +50,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm_gain else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm_gain else None
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, pos: int = 0, ve=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x)
+        if ve is not None:  # this layer's value embedding of the tokens
+            v = v + ve.to(v.dtype)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # normalised with a gain, then rotated (a gain after RoPE would make q.k
             q, k = self.q_norm(q), self.k_norm(k)  # depend on more than the positions' distance)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -95,8 +98,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(c)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, pos=0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, pos))
+    def forward(self, x, cos, sin, cache=None, layer=0, pos=0, ve=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, pos, ve))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -113,6 +116,9 @@ class Model(LanguageModel):
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        n = c.value_embeddings
+        self.value_embeds = nn.ModuleList(nn.Embedding(c.vocab_size, c.kv_heads * c.head_dim) for _ in range(n))
+        self.value_table = {i: j for j in range(n) for i in (j, c.n_layers - n + j)}  # layer -> its table
         cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -124,6 +130,8 @@ class Model(LanguageModel):
             for layer in self.layers:
                 nn.init.zeros_(layer.attention.wo.weight)
                 nn.init.zeros_(layer.feed_forward.w2.weight)
+        for table in self.value_embeds:
+            nn.init.zeros_(table.weight)
 
     @staticmethod
     def _init_weights(module):
@@ -136,8 +144,9 @@ class Model(LanguageModel):
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         x = self.dropout(self.tok_embeddings(idx))
+        values = [table(idx) for table in self.value_embeds]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, pos)
+            x = layer(x, cos, sin, cache, i, pos, values[self.value_table[i]] if i in self.value_table else None)
         x = self.norm(x)
         logits = self.output(x)
         if self.config.logit_softcap:

@@ -32,6 +32,9 @@ class Config:
     # with qk_norm: a learnt gain per head dimension (q_norm, k_norm: Qwen3's and OLMo 2's), normalised before
     # RoPE; without it a normalised q.k / sqrt(head_dim) cannot pass +-sqrt(head_dim) (6.9 for head size 48)
     qk_norm_gain: bool = False
+    # modded-nanogpt's value embeddings: N token tables of the values' width, table j added to the values of
+    # layer j and of layer n_layers - N + j; they start at zero (the model starts as without them); 0 = off
+    value_embeddings: int = 0
     mlp: str = "swiglu"  # swiglu (w2(silu(w1 x) * w3 x)) | relu2 (w2(relu(w1 x)^2), no w3)
     zero_init_out: bool = False  # attention and MLP output projections (wo, w2) start at zero
     logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = off
@@ -55,13 +58,16 @@ class Config:
         check_choice(self.mlp, "mlp", ("swiglu", "relu2"))
         check_choice(self.attention, "attention", ("sdpa", "matmul", "auto"))
         check(self.logit_softcap >= 0, "logit_softcap", "0 (off) or a positive cap")
+        check(0 <= 2 * self.value_embeddings <= self.n_layers, "value_embeddings",
+              f"0 (off) to n_layers / 2 = {self.n_layers // 2} tables, got {self.value_embeddings}")
         check(self.qk_norm or not self.qk_norm_gain, "qk_norm_gain", "qk_norm = true as well (the gain is the norm's)")
 
     def runtime_blockers(self) -> list[str]:
         """The switches that llama2.c's run.c, transformers' LlamaForCausalLM and llama.cpp's llama cannot run:
         exporters refuse a model that has any."""
         return [name for name, on in (("qk_norm", self.qk_norm), ("mlp = relu2", self.mlp != "swiglu"),
-                                      ("logit_softcap", self.logit_softcap > 0)) if on]
+                                      ("logit_softcap", self.logit_softcap > 0),
+                                      ("value_embeddings", self.value_embeddings > 0)) if on]
 
     @property
     def standard(self) -> bool:
